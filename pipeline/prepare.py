@@ -1,0 +1,134 @@
+"""Stage prepare: check the competition folder, decode every image once into a uint8 cache.
+
+Reads:  the competition folder (``data.*``; with ``data.source: elpv`` it is first built
+        from the elpv-dataset package under ``paths.competition``).
+Writes: ``paths.cache``/ train.npy, test.npy (N x H x W x C uint8, memory-mappable),
+        train.parquet, test.parquet (row order of the arrays), meta.json (classes, heads,
+        per-channel mean/std, what the cache was built from), stats.json.
+
+Every image is decoded in one streaming pass (a process pool where cores allow) straight
+into a memory-mapped file, so peak memory does not grow with the competition. Problems
+(missing, empty, corrupt images) are collected over the whole pass and reported together;
+a failed or killed run leaves the previous cache or none. Re-running with the same inputs
+and settings does no work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from multiprocessing import get_context
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import cli
+from pipeline.artifacts import atomic_dir, write_json
+from pipeline.config import Config
+from pipeline.data import Competition, read_competition, try_load_image
+from pipeline.errors import DataError
+
+CACHE_VERSION = 1
+
+
+def fingerprint(cfg: Config, competition: Competition) -> str:
+    """A digest of everything the cache depends on: settings, ids, labels, image files' sizes and times."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_VERSION, list(cfg.data.size_hw), cfg.data.channels, competition.class_names,
+                              competition.heads, competition.aux, competition.compose]).encode())
+    for frame in (competition.train, competition.test):
+        digest.update(frame.drop(columns="path").to_csv(index=False).encode())
+        for path in frame["path"]:
+            stat = os.stat(path)
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, desc: str):
+    """Decode ``paths`` into a memory-mapped N x H x W x C file; returns (per-image failures, sum, sum of squares)."""
+    images = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8,
+                                       shape=(len(paths), size_hw[0], size_hw[1], channels))
+    failures: list[tuple[str, str]] = []
+    total = np.zeros(channels, dtype=np.float64)
+    squares = np.zeros(channels, dtype=np.float64)
+    tasks = [(str(p), size_hw, channels) for p in paths]
+    pool = get_context("spawn").Pool(workers) if workers > 1 else None
+    results = pool.imap(try_load_image, tasks, chunksize=32) if pool else map(try_load_image, tasks)
+    try:
+        for index, (array, problem) in enumerate(tqdm(results, total=len(tasks), desc=desc, unit="img",
+                                                      file=sys.stderr, mininterval=1.0)):
+            if problem:
+                failures.append((tasks[index][0], problem))
+                continue
+            images[index] = array
+            pixels = array.reshape(-1, channels).astype(np.float64)
+            total += pixels.sum(axis=0)
+            squares += (pixels ** 2).sum(axis=0)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    images.flush()
+    del images
+    return failures, total, squares
+
+
+def main(cfg: Config) -> dict:
+    competition = read_competition(cfg)
+    cache_dir = cfg.path("cache")
+    key = fingerprint(cfg, competition)
+    meta_path = cache_dir / "meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == key:
+        print(f"prepare: the cache in {cache_dir} is up to date ({len(competition.train)} train, "
+              f"{len(competition.test)} test images)", file=sys.stderr)
+        return json.loads((cache_dir / "stats.json").read_text())
+
+    workers = cfg.data.workers or min(os.cpu_count() or 1, 8)
+    started = time.perf_counter()
+    channels = cfg.data.channels
+    with atomic_dir(cache_dir) as folder:
+        failures, total, squares = [], np.zeros(channels), np.zeros(channels)
+        for split, frame in (("train", competition.train), ("test", competition.test)):
+            problems, split_total, split_squares = decode_split(
+                list(frame["path"]), cfg.data.size_hw, channels, folder / f"{split}.npy", workers, f"prepare {split}")
+            failures += problems
+            if split == "train":
+                total, squares = split_total, split_squares
+        if failures:
+            listing = "\n  ".join(f"{path}: {problem}" for path, problem in failures[:50])
+            more = f"\n  ... and {len(failures) - 50} more" if len(failures) > 50 else ""
+            raise DataError(f"{len(failures)} image(s) cannot be used; fix or remove them (no cache was written):"
+                            f"\n  {listing}{more}")
+        seconds = time.perf_counter() - started
+        pixel_count = len(competition.train) * cfg.data.size_hw[0] * cfg.data.size_hw[1]
+        mean = total / pixel_count
+        std = np.sqrt(np.maximum(squares / pixel_count - mean ** 2, 1e-12))
+        for split, frame in (("train", competition.train), ("test", competition.test)):
+            table = frame.copy()
+            table["path"] = table["path"].astype(str)
+            table.to_parquet(folder / f"{split}.parquet", index=False)
+        meta = {"fingerprint": key, "size_hw": list(cfg.data.size_hw), "channels": channels,
+                "class_names": competition.class_names, "heads": competition.heads, "aux": competition.aux,
+                "compose": competition.compose, "id_col": competition.id_col, "target_col": competition.target_col,
+                "mean": (mean / 255.0).tolist(), "std": (std / 255.0).tolist()}
+        image_count = len(competition.train) + len(competition.test)
+        stats = {"train_images": len(competition.train), "test_images": len(competition.test),
+                 "classes": len(competition.class_names), "mean": meta["mean"], "std": meta["std"],
+                 "seconds": round(seconds, 2), "images_per_second": round(image_count / max(seconds, 1e-9), 1),
+                 "workers": workers}
+        write_json(folder / "stats.json", stats)
+        write_json(folder / "meta.json", meta)
+        # The competition's own tables travel with the cache so later stages need not re-read the folder.
+        competition.sample_submission.to_csv(folder / "sample_submission.csv", index=False)
+        if competition.solution is not None:
+            competition.solution.to_csv(folder / "solution.csv", index=False)
+    print(f"prepare: cached {image_count} images at {list(cfg.data.size_hw)} x {channels}ch in {seconds:.1f}s "
+          f"({stats['images_per_second']} img/s, {workers} workers)", file=sys.stderr)
+    return stats
+
+
+if __name__ == "__main__":
+    cli.run(main, "Check the competition folder and build the image cache.")

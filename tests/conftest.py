@@ -1,0 +1,86 @@
+"""Shared fixtures: a shrunk config writing to tmp_path, and small synthetic competitions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_config(work_dir: Path, *overrides: str):
+    """The smoke preset with its outputs in ``work_dir`` and any dotted overrides."""
+    return load_config(ROOT / "configs" / "smoke.yaml", [f"paths.work_dir={work_dir}", *overrides])
+
+
+@pytest.fixture
+def smoke_config(tmp_path):
+    return lambda *overrides: make_config(tmp_path / "work", *overrides)
+
+
+def write_image(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def class_pattern(label: int, size: int, rng: np.random.Generator, channels: int = 1) -> np.ndarray:
+    """An image whose class is visible: stripes whose period depends on the label, plus noise."""
+    y, x = np.mgrid[0:size, 0:size]
+    period = 3 + 2 * label
+    base = 127 + 100 * np.sin(2 * np.pi * (x + y * (label % 2)) / period)
+    image = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    return np.stack([image] * 3, axis=-1) if channels == 3 else image
+
+
+def make_csv_competition(root: Path, n_train: int = 40, n_test: int = 12, n_classes: int = 3, seed: int = 0,
+                         extension: str = ".png", id_with_extension: bool = False, groups: bool = False) -> Path:
+    """A tiny Kaggle-style folder: train.csv (id, label[, group]), train/, test/, sample_submission.csv, solution.csv."""
+    rng = np.random.default_rng(seed)
+    labels = [f"class_{i % n_classes}" for i in range(n_train)]
+    rows = []
+    for index, label in enumerate(labels):
+        image_id = f"tr{index:04d}"
+        write_image(root / "train" / f"{image_id}{extension}", class_pattern(int(label[-1]), 24, rng))
+        row = {"id": image_id + (extension if id_with_extension else ""), "label": label}
+        if groups:
+            row["group"] = f"g{index // 4}"
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    test_ids, test_labels = [], []
+    for index in range(n_test):
+        image_id = f"te{index:04d}"
+        label = index % n_classes
+        write_image(root / "test" / f"{image_id}{extension}", class_pattern(label, 24, rng))
+        test_ids.append(image_id + (extension if id_with_extension else ""))
+        test_labels.append(f"class_{label}")
+    pd.DataFrame({"id": test_ids, "label": "class_0"}).to_csv(root / "sample_submission.csv", index=False)
+    usage = ["Public" if i % 2 == 0 else "Private" for i in range(n_test)]
+    pd.DataFrame({"id": test_ids, "label": test_labels, "Usage": usage}).to_csv(root / "solution.csv", index=False)
+    return root
+
+
+def make_mask_competition(root: Path, people: int = 6, seed: int = 0) -> Path:
+    """The Boostcamp mask layout: train/train.csv + train/images/<person>/{mask1-5,incorrect_mask,normal}, eval/."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(people):
+        gender = "male" if index % 2 == 0 else "female"
+        age = [20, 45, 60][index % 3]
+        folder = f"{index:06d}_{gender}_Asian_{age}"
+        rows.append({"id": f"{index:06d}", "gender": gender, "race": "Asian", "age": age, "path": folder})
+        for stem in ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]:
+            write_image(root / "train" / "images" / folder / f"{stem}.jpg", class_pattern(index % 3, 24, rng, 3))
+    pd.DataFrame(rows).to_csv(root / "train" / "train.csv", index=False)
+    names = []
+    for index in range(5):
+        name = f"eval{index:03d}.jpg"
+        write_image(root / "eval" / "images" / name, class_pattern(index % 3, 24, rng, 3))
+        names.append(name)
+    pd.DataFrame({"ImageID": names, "ans": 0}).to_csv(root / "eval" / "info.csv", index=False)
+    return root
