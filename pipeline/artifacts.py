@@ -123,6 +123,16 @@ def read_table(path: str | Path, what: str = "table") -> pd.DataFrame:
         raise DataError(f"{what} {path} cannot be read ({error}); delete it and re-run its stage") from None
 
 
+def read_text_csv(path: str | Path, what: str, stage: str = "the stage that writes it") -> pd.DataFrame:
+    """A CSV with every cell as the exact text in the file (ids like ``007`` stay ``007``)."""
+    if not path.exists():
+        raise DataError(f"{what} {path} does not exist: run {stage} first")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as error:  # pandas' parser and decoding errors are ValueErrors
+        raise DataError(f"{what} {path} cannot be read ({error}); delete it and re-run {stage}") from None
+
+
 def probability_table(ids, proba: np.ndarray, class_names: list[str], folds=None) -> pd.DataFrame:
     """The probability-table contract: id, (fold), one float column per class."""
     frame = pd.DataFrame({"id": list(ids)})

@@ -14,17 +14,17 @@ Every geometric op keeps the image size: flips, ``Affine`` with a reflected bord
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 # albumentations 2.x checks PyPI for a newer version on import (a network call with a 2 s
 # timeout, repeated in every spawned process); Kaggle kernels run offline, so switch it off unless the
 # caller decided otherwise. It only takes effect if this module is the first to import it.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
+import torch
 
 # Reflection instead of a constant fill: black corners after a rotation are an artefact that a
 # model can learn as a feature; reflected content looks like more of the same image.
@@ -125,7 +125,7 @@ def _face(image_size: tuple[int, int], channels: int) -> A.Compose:
 
 def _none(image_size: tuple[int, int], channels: int) -> None:
     """No augmentation."""
-    return None
+    return
 
 
 # Each builder takes (image_size as (height, width), channels): the channel count is needed so

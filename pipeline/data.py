@@ -69,7 +69,7 @@ def build_elpv(cfg: Config) -> Path:
     from pipeline.artifacts import atomic_dir, write_csv
 
     target = cfg.path("competition")
-    settings = {"elpv_size": cfg.data.elpv_size, "test_fraction": cfg.data.elpv_test_fraction,
+    settings = {"version": 2, "elpv_size": cfg.data.elpv_size, "test_fraction": cfg.data.elpv_test_fraction,
                 "seed": cfg.data.elpv_seed}
     marker = target / "elpv.json"
     if marker.exists() and json.loads(marker.read_text()) == settings:
@@ -486,9 +486,9 @@ class ImageDataset:
     def __getitem__(self, item: int):
         import torch
 
-        image = np.asarray(self.images[self.indices[item]])
-        if self.augment is not None:
-            image = self.augment(image)
+        image = self.images[self.indices[item]]
+        # The cache is a read-only memory map: augmenting makes a new array, otherwise copy.
+        image = self.augment(np.asarray(image)) if self.augment is not None else np.array(image)
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if self.targets is None:
             return tensor

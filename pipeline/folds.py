@@ -19,7 +19,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from pipeline import cli
-from pipeline.artifacts import read_table, write_csv
+from pipeline.artifacts import read_table, read_text_csv, write_csv
 from pipeline.config import Config
 from pipeline.errors import DataError
 
@@ -52,6 +52,20 @@ def balance_table(frame: pd.DataFrame) -> pd.DataFrame:
     table = pd.crosstab(frame["label"], frame["fold"], margins=True, margins_name="total")
     table.columns = [f"fold{c}" if c != "total" else c for c in table.columns]
     return table
+
+
+def read_folds(cfg: Config) -> pd.DataFrame:
+    """folds.csv with ids and labels as their exact text and integer folds."""
+    path = cfg.path("folds")
+    folds = read_text_csv(path, "folds file", "the folds stage")
+    missing = [c for c in ("id", "label", "fold") if c not in folds.columns]
+    if missing:
+        raise DataError(f"{path} has no column(s) {missing}: re-run the folds stage")
+    try:
+        folds["fold"] = folds["fold"].astype(int)
+    except ValueError:
+        raise DataError(f"{path} has a non-integer fold: re-run the folds stage") from None
+    return folds
 
 
 def main(cfg: Config) -> dict:

@@ -13,12 +13,12 @@ same normalisation), which keeps ``ce`` and ``focal`` comparable in logs.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def _target_distribution(

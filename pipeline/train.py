@@ -27,22 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import yaml
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from pipeline import cli, metrics
-from pipeline.artifacts import atomic_path, probability_table, read_table, save_figure, write_json, write_parquet
+from pipeline.artifacts import atomic_path, probability_table, save_figure, write_json, write_parquet
 from pipeline.augment import build_augment
 from pipeline.config import Config
 from pipeline.data import Cache, ImageDataset, encode_labels, slug
-from pipeline.engine import (StepState, autocast_dtype, predict_logits, resolve_device, seed_everything,
-                             train_one_epoch)
-from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.engine import StepState, autocast_dtype, predict_logits, resolve_device, seed_everything, train_one_epoch
+from pipeline.errors import ConfigError, DataError
+from pipeline.folds import read_folds
 from pipeline.losses import build_loss, class_weights
-from pipeline.models import Heads, create_model, classifier_parameters, set_backbone_frozen
-
+from pipeline.models import Heads, classifier_parameters, create_model, set_backbone_frozen
 
 # ---------------------------------------------------------------- inputs
 
@@ -64,7 +62,7 @@ def load_training_data(cfg: Config) -> TrainingData:
     """Join the cache with folds.csv and encode every head's labels."""
     cache = Cache.open(cfg)
     table = cache.table("train")
-    folds = read_table(cfg.path("folds"), "folds file")
+    folds = read_folds(cfg)
     if set(folds["id"].astype(str)) != set(table["id"].astype(str)):
         raise DataError(f"{cfg.path('folds')} and the image cache hold different ids: re-run folds after prepare")
     fold_of = dict(zip(folds["id"].astype(str), folds["fold"].astype(int)))
@@ -123,8 +121,9 @@ def make_loss(cfg: Config, heads: Heads, targets: np.ndarray):
     for index, (name, class_names) in enumerate(heads.heads + heads.aux):
         weight = class_weights(targets[:, index], len(class_names)) if cfg.train.class_weights else None
         is_aux = index >= len(heads.heads)
-        losses.append(build_loss("ce" if is_aux else cfg.train.loss, len(class_names),
-                                 label_smoothing=cfg.train.label_smoothing, focal_gamma=cfg.train.focal_gamma,
+        # timm's Mixup already smooths the soft targets it makes; smoothing them again would double it.
+        smoothing = 0.0 if (cfg.train.mixup or cfg.train.cutmix) else cfg.train.label_smoothing
+        losses.append(build_loss("ce" if is_aux else cfg.train.loss, len(class_names), label_smoothing=smoothing, focal_gamma=cfg.train.focal_gamma,
                                  focal_alpha=cfg.train.focal_alpha, weight=weight))
     head_count = len(heads.heads)
 
@@ -370,9 +369,8 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
     if live is not None:
         live.end()
     if out_dir is not None:
-        with atomic_path(out_dir / "validation.npy") as temporary:
-            with open(temporary, "wb") as handle:
-                np.save(handle, best_proba)
+        with atomic_path(out_dir / "validation.npy") as temporary, open(temporary, "wb") as handle:
+            np.save(handle, best_proba)
         write_json(out_dir / "done.json", {"key": key, "best_score": best_score, "best_epoch": best_epoch,
                                            "history": history})
     return FoldResult(fold, best_score, best_epoch, validation_indices, best_proba, history)
@@ -399,7 +397,7 @@ def cross_validate(cfg: Config, backbone: str, data: TrainingData, out_dir: Path
     """Train the given folds; returns their FoldResults. ``on_fold(index, score)`` follows each fold."""
     results = []
     for position, fold in enumerate(folds):
-        callback = (lambda epoch, score: on_epoch(fold, epoch, score)) if on_epoch else None
+        callback = (lambda epoch, score, fold=fold: on_epoch(fold, epoch, score)) if on_epoch else None
         fold_dir = out_dir / f"fold{fold}" if out_dir is not None else None
         result = train_fold(cfg, backbone, data, fold, fold_dir, callback, epochs, train_subset)
         results.append(result)

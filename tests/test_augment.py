@@ -71,7 +71,7 @@ class RepeatedImage(torch.utils.data.Dataset):
         self.image = image
 
     def __len__(self):
-        return 2
+        return 16
 
     def __getitem__(self, index):
         return torch.from_numpy(self.augment(self.image))
@@ -82,8 +82,10 @@ def test_dataloader_workers_draw_different_augmentations():
     # first item of worker 0 and worker 1 would be identical.
     image = random_images((32, 32), 3, count=1)[0]
     dataset = RepeatedImage(build_augment("heavy", 32, 3, seed=0), image)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2)
-    first_worker, second_worker = [batch[0] for batch in loader]
+    # batch_size=8: worker 0 makes the first batch, worker 1 the second. Eight draws each make
+    # an accidental match (every random op skipped alike in both) practically impossible.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2)
+    first_worker, second_worker = list(loader)
     assert not torch.equal(first_worker, second_worker)
 
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from pipeline.losses import LOSSES, F1Loss, FocalLoss, build_loss, class_weights
 

@@ -1,0 +1,382 @@
+"""Stage ensemble: combine the backbones' out-of-fold and test probabilities.
+
+Reads:  ``paths.cache``/meta.json (classes) and sample_submission.csv (test order), ``paths.folds``
+        (labels, folds), and per backbone ``paths.preds``/<backbone>.parquet (test probabilities)
+        with its OOF from ``paths.preds``/<backbone>_oof.parquet (infer's TTA'd OOF, which is
+        what matches the test predictions) or, when infer wrote none, ``paths.oof``/<backbone>.parquet.
+Writes: ``paths.ensemble``/ oof.parquet (id, fold, classes), test.parquet (id, classes, in the
+        sample submission's order), weights.json (chosen method, its weights, the members and
+        their OOF files), scores.json (flat, for DVC metrics), report.md and report.csv (every
+        model's and method's OOF score), correlation.png (the members' OOF correlation).
+
+Every method of ``ensemble.methods`` runs on the same members, aligned by id, and is scored on
+OOF with ``train.metric``, accuracy and log loss next to every single model. ``ensemble.method:
+auto`` takes the best OOF score; test labels are never read here. With one backbone the
+ensemble is that model. ``ensemble.class_offsets`` then shifts per-class log-probabilities fit on
+the chosen OOF. The math lives in ``pipeline.ensembling``; this module only reads, checks, writes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import cli, ensembling, metrics
+from pipeline.artifacts import (
+    probability_table,
+    read_table,
+    read_text_csv,
+    save_figure,
+    write_csv,
+    write_json,
+    write_parquet,
+    write_text,
+)
+from pipeline.config import Config
+from pipeline.data import Cache, encode_labels, slug
+from pipeline.errors import ConfigError, DataError
+from pipeline.folds import read_folds
+
+# Probabilities written as float32 by a GPU stage sum to 1 only up to ~1e-6; 1e-4 still catches
+# a table that was never normalised (logits, or a missing class column).
+ROW_SUM_TOLERANCE = 1e-4
+SINGLE = "single"
+
+
+# ---------------------------------------------------------------- reading and checking
+
+def describe_ids(ids) -> str:
+    """The first 10 ids and a count, for error messages."""
+    ids = [str(i) for i in ids]
+    return f"{len(ids)} id(s) [{', '.join(ids[:10])}{', ...' if len(ids) > 10 else ''}]"
+
+
+def read_probabilities(path: Path, what: str, class_names: list[str], reference: Path, with_fold: bool) -> pd.DataFrame:
+    """A probability table checked against the contract -> id (str), [fold], class columns in class order.
+
+    ``reference`` is the file whose class columns this one must have (the first member's, or
+    the cache's meta.json for the first member), named in the error with this file.
+    """
+    frame = read_table(path, what)
+    keys = ["id", "fold"] if with_fold else ["id"]
+    missing = [c for c in keys if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path} has no column(s) {missing}; its columns are {list(frame.columns)}")
+    columns = [str(c) for c in frame.columns if c not in keys]
+    if sorted(columns) != sorted(class_names):
+        raise DataError(f"{path} and {reference} have different class columns: "
+                        f"{path.name} has {columns}, {reference.name} has {class_names}")
+    frame.columns = [str(c) for c in frame.columns]
+    frame["id"] = frame["id"].astype(str)
+    duplicated = frame.loc[frame["id"].duplicated(), "id"]
+    if len(duplicated):
+        raise DataError(f"{path} lists {describe_ids(duplicated.unique())} more than once")
+    values = frame[class_names].to_numpy(dtype=float)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise DataError(f"{path} has NaN or infinite probabilities for {describe_ids(frame['id'][bad])}")
+    off = np.abs(values.sum(axis=1) - 1.0) > ROW_SUM_TOLERANCE
+    if off.any():
+        raise DataError(f"{path}: rows do not sum to 1 for {describe_ids(frame['id'][off])} "
+                        f"(e.g. {values[off][0].sum():.6f}); re-run the stage that wrote it")
+    return frame[keys + class_names]
+
+
+def check_same_ids(ids, reference_ids, path: Path, reference: Path) -> None:
+    ids, reference_ids = set(ids), set(reference_ids)
+    if ids != reference_ids:
+        raise DataError(f"{path} and {reference} hold different ids: {describe_ids(sorted(ids - reference_ids))} "
+                        f"only in {path.name}, {describe_ids(sorted(reference_ids - ids))} only in {reference.name}")
+
+
+def oof_path(cfg: Config, backbone: str) -> tuple[Path, str]:
+    """infer's TTA'd OOF when it exists (it matches the test predictions), else train's OOF."""
+    tta = cfg.path("preds") / f"{slug(backbone)}_oof.parquet"
+    if tta.exists():
+        return tta, "infer (TTA)"
+    return cfg.path("oof") / f"{slug(backbone)}.parquet", "train (no TTA)"
+
+
+@dataclass
+class Members:
+    """Every backbone's OOF and test probabilities, aligned row for row by id."""
+
+    names: list[str]
+    sources: dict[str, str]  # backbone -> the OOF file used and where it came from
+    ids: np.ndarray  # OOF ids, in folds.csv order
+    folds: np.ndarray
+    y_true: np.ndarray
+    oof: np.ndarray  # M x N x C
+    test_ids: np.ndarray  # in the sample submission's order
+    test: np.ndarray  # M x Nt x C
+
+
+def load_members(cfg: Config, cache: Cache) -> Members:
+    """Read, check and align every backbone's OOF and test tables; every problem names its files."""
+    class_names = list(cache.class_names)
+    folds = read_folds(cfg)
+    sample_path = cfg.path("cache") / "sample_submission.csv"
+    sample = read_text_csv(sample_path, "sample submission", "prepare")
+    id_col = cache.meta["id_col"]
+    if id_col not in sample.columns:
+        raise DataError(f"{sample_path} has no id column {id_col!r}: re-run prepare")
+    sample_ids = sample[id_col].tolist()
+    oof_frames, test_frames, sources = [], [], {}
+    reference_oof = reference_test = cache.folder / "meta.json"
+    for backbone in cfg.backbones:
+        path, origin = oof_path(cfg, backbone)
+        oof = read_probabilities(path, f"OOF of {backbone}", class_names, reference_oof, with_fold=True)
+        test_path = cfg.path("preds") / f"{slug(backbone)}.parquet"
+        test = read_probabilities(test_path, f"test predictions of {backbone} (run infer)", class_names,
+                                  reference_test, with_fold=False)
+        if oof_frames:
+            check_same_ids(oof["id"], oof_frames[0]["id"], path, reference_oof)
+            check_same_ids(test["id"], test_frames[0]["id"], test_path, reference_test)
+        else:
+            check_same_ids(test["id"], sample_ids, test_path, sample_path)
+        unknown = sorted(set(oof["id"]) - set(folds["id"]))
+        if unknown:
+            raise DataError(f"{path} holds {describe_ids(unknown)} that are not in {cfg.path('folds')}: "
+                            f"re-run train/infer after the folds stage")
+        fold_of = dict(zip(folds["id"], folds["fold"]))
+        moved = oof["id"][oof["fold"].astype(int).to_numpy() != oof["id"].map(fold_of).to_numpy()]
+        if len(moved):
+            raise DataError(f"{path} puts {describe_ids(moved)} in other folds than {cfg.path('folds')}: "
+                            f"it is stale, re-run train/infer")
+        if not oof_frames:  # every later member is compared with the first one
+            reference_oof, reference_test = path, test_path
+        oof_frames.append(oof)
+        test_frames.append(test)
+        # Relative to the work dir, so weights.json reads the same on every machine.
+        sources[backbone] = f"{path.relative_to(cfg.path('work_dir'))} ({origin})"
+    rows = folds[folds["id"].isin(set(oof_frames[0]["id"]))]
+    if len(rows) < len(folds):
+        print(f"ensemble: the OOF covers {len(rows)} of the {len(folds)} training images in {cfg.path('folds')}",
+              file=sys.stderr)
+    ids = rows["id"].to_numpy()
+    return Members(
+        names=list(cfg.backbones), sources=sources, ids=ids, folds=rows["fold"].to_numpy(),
+        y_true=encode_labels(rows["label"], class_names, str(cfg.path("folds"))),
+        oof=np.stack([f.set_index("id").loc[ids, class_names].to_numpy(float) for f in oof_frames]),
+        test_ids=np.asarray(sample_ids),
+        test=np.stack([f.set_index("id").loc[sample_ids, class_names].to_numpy(float) for f in test_frames]))
+
+
+# ---------------------------------------------------------------- choosing
+
+def check_methods(cfg: Config) -> list[str]:
+    """The methods to run (``ensemble.methods`` plus a fixed ``ensemble.method``); names checked first."""
+    valid = ", ".join(ensembling.METHODS)
+    unknown = [m for m in cfg.ensemble.methods if m not in ensembling.METHODS]
+    if unknown:
+        raise ConfigError(f"ensemble.methods {unknown} are unknown; valid methods: {valid}")
+    if cfg.ensemble.method != "auto" and cfg.ensemble.method not in ensembling.METHODS:
+        raise ConfigError(f"ensemble.method {cfg.ensemble.method!r} is unknown; valid: auto, {valid}")
+    if cfg.train.metric not in metrics.METRICS:
+        raise ConfigError(f"train.metric {cfg.train.metric!r} is unknown; valid: {', '.join(metrics.METRICS)}")
+    fixed = [] if cfg.ensemble.method == "auto" else [cfg.ensemble.method]
+    names = list(dict.fromkeys([*cfg.ensemble.methods, *fixed]))
+    if not names:
+        raise ConfigError("ensemble.methods is empty and ensemble.method is auto: list at least one method")
+    return names
+
+
+def score_row(metric: str, y_true, proba) -> dict:
+    """The competition metric, accuracy and log loss of one OOF prediction."""
+    return {metric: metrics.score(metric, y_true, proba), "accuracy": metrics.accuracy(y_true, proba),
+            "log_loss": metrics.log_loss(y_true, proba)}
+
+
+def run_methods(names: list[str], members: Members, metric: str) -> dict[str, dict]:
+    """Each method's {"oof", "test", "weights"}; with one member only the model itself."""
+    if len(members.names) == 1:
+        return {SINGLE: {"oof": members.oof[0], "test": members.test[0], "weights": [1.0]}}
+    return {name: ensembling.run_method(name, members.oof, members.y_true, members.folds, members.test, metric)
+            for name in names}
+
+
+def choose(cfg: Config, results: dict, method_scores: dict) -> str:
+    if SINGLE in results:
+        return SINGLE
+    if cfg.ensemble.method != "auto":
+        return cfg.ensemble.method
+    return ensembling.select_best(method_scores, cfg.train.metric)
+
+
+def format_weights(names: list[str], weights) -> str:
+    return "" if weights is None else " ".join(f"{n}={w:.3f}" for n, w in zip(names, weights))
+
+
+# ---------------------------------------------------------------- reporting
+
+def correlation_figure(members: Members):
+    """Annotated heatmap of the Pearson correlation of the members' flattened OOF probabilities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    correlation = np.corrcoef(members.oof.reshape(len(members.names), -1)).reshape(len(members.names), -1)
+    size = max(3.5, 0.9 * len(members.names) + 2)
+    figure, axis = plt.subplots(figsize=(size, size * 0.85))
+    image = axis.imshow(correlation, cmap="viridis")
+    axis.set_xticks(range(len(members.names)), members.names, rotation=45, ha="right")
+    axis.set_yticks(range(len(members.names)), members.names)
+    for row in range(len(members.names)):
+        for column in range(len(members.names)):
+            value = correlation[row, column]
+            axis.text(column, row, f"{value:.3f}", ha="center", va="center",
+                      color="black" if value > np.nanmean(correlation) else "white")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    axis.set_title("OOF probability correlation")
+    return figure
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    def cell(value):
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def report_markdown(table: pd.DataFrame, scores: dict, members: Members, cfg: Config, offsets_note: str) -> str:
+    how = ("the only model" if len(members.names) == 1 else
+           f"auto: best OOF {scores['metric']} of the methods" if cfg.ensemble.method == "auto" else "fixed by config")
+    sources = "\n".join(f"- {name}: {source}" for name, source in members.sources.items())
+    offsets_note = f"\n{offsets_note}\n" if offsets_note else ""
+    return f"""# Ensemble report
+
+Metric **{scores['metric']}** on {len(members.ids)} out-of-fold rows. Chosen: **{scores['method']}** ({how}; \
+test labels are never used). Ensemble OOF {scores['metric']} {scores['oof_score']:.4f}; best single model \
+{scores['best_single']} {scores['best_single_score']:.4f}; gain {scores['gain_over_best_single']:+.4f} \
+(positive is better).
+
+{markdown_table(table)}
+
+`weighted` and `caruana` fit their weights on the same OOF they are scored on, so their score is mildly
+optimistic; `stacking` is cross-fitted over the folds and honest. `rank` is a score, not probabilities, and
+`hard` is one-hot: ignore their log loss.
+{offsets_note}
+OOF files used:
+
+{sources}
+
+## Member correlation
+
+![OOF probability correlation](correlation.png)
+"""
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class Choice:
+    """The submitted ensemble: the chosen method's output, after class offsets when enabled."""
+
+    method: str  # the chosen method, "+offsets" appended when offsets were applied
+    base_method: str
+    oof: np.ndarray
+    test: np.ndarray
+    weights: list | None
+    offsets: np.ndarray | None
+    score_before_offsets: float
+    offsets_note: str = ""
+
+
+def score_table(members: Members, results: dict, metric: str) -> pd.DataFrame:
+    """One row per single model and per method: OOF metric, accuracy, log loss, weights."""
+    rows = [{"name": n, "kind": "model", **score_row(metric, members.y_true, p), "weights": "", "selected": ""}
+            for n, p in zip(members.names, members.oof)]
+    rows += [{"name": n, "kind": "method", **score_row(metric, members.y_true, r["oof"]),
+              "weights": format_weights(members.names, r["weights"]), "selected": ""} for n, r in results.items()]
+    return pd.DataFrame(rows)
+
+
+def apply_offsets(cfg: Config, members: Members, chosen: str, result: dict, class_names: list[str]) -> Choice:
+    """The chosen method's output, with per-class offsets fit on its OOF when ``ensemble.class_offsets``."""
+    metric, y_true = cfg.train.metric, members.y_true
+    before = metrics.score(metric, y_true, result["oof"])
+    choice = Choice(chosen, chosen, result["oof"], result["test"], result["weights"], None, before)
+    if not cfg.ensemble.class_offsets:
+        return choice
+    offsets = ensembling.fit_class_offsets(result["oof"], y_true, metric)
+    choice.method, choice.offsets = f"{chosen}+offsets", offsets
+    choice.oof = ensembling.apply_class_offsets(result["oof"], offsets)
+    choice.test = ensembling.apply_class_offsets(result["test"], offsets)
+    choice.offsets_note = (
+        f"Class offsets {dict(zip(class_names, np.round(offsets, 3).tolist()))}: OOF {metric} {before:.4f} "
+        f"before, {metrics.score(metric, y_true, choice.oof):.4f} after. They are fit on this same OOF, "
+        f"so the after-score is optimistic.")
+    return choice
+
+
+def summarise(table: pd.DataFrame, choice: Choice, members: Members, metric: str) -> dict:
+    """The flat scores.json: the submitted OOF score against the best single model (gain > 0 is better)."""
+    singles = table[table["kind"] == "model"].to_dict("records")
+    best = singles[0]
+    for row in singles[1:]:
+        if metrics.better(metric, row[metric], best[metric]):
+            best = row
+    oof_score = metrics.score(metric, members.y_true, choice.oof)
+    sign = 1.0 if metrics.greater_is_better(metric) else -1.0
+    scores = {"method": choice.method, "metric": metric, "oof_score": oof_score, "best_single": best["name"],
+              "best_single_score": float(best[metric]),
+              "gain_over_best_single": float(sign * (oof_score - best[metric]))}
+    if choice.offsets is not None:
+        scores["oof_score_before_offsets"] = choice.score_before_offsets
+    return scores
+
+
+def write_outputs(cfg: Config, members: Members, choice: Choice, table: pd.DataFrame, scores: dict,
+                  class_names: list[str]) -> None:
+    out = cfg.path("ensemble")
+    write_parquet(out / "oof.parquet", probability_table(members.ids, choice.oof, class_names, members.folds))
+    write_parquet(out / "test.parquet", probability_table(members.test_ids, choice.test, class_names))
+    write_json(out / "weights.json", {
+        "method": choice.method, "base_method": choice.base_method,
+        "selection": "auto" if cfg.ensemble.method == "auto" else "fixed", "metric": cfg.train.metric,
+        "members": members.names,
+        "weights": None if choice.weights is None else dict(zip(members.names, choice.weights)),
+        "class_offsets": None if choice.offsets is None else dict(zip(class_names, choice.offsets.tolist())),
+        "oof_sources": members.sources})
+    write_json(out / "scores.json", scores)
+    write_csv(out / "report.csv", table)
+    save_figure(out / "correlation.png", correlation_figure(members))
+    write_text(out / "report.md", report_markdown(table, scores, members, cfg, choice.offsets_note))
+
+
+def main(cfg: Config) -> dict:
+    method_names = check_methods(cfg)
+    cache = Cache.open(cfg)
+    class_names = list(cache.class_names)
+    members = load_members(cfg, cache)
+    results = run_methods(method_names, members, cfg.train.metric)
+    table = score_table(members, results, cfg.train.metric)
+    methods = table[table["kind"] == "method"]
+    chosen = choose(cfg, results, dict(zip(methods["name"], methods[cfg.train.metric])))
+    table.loc[(table["kind"] == "method") & (table["name"] == chosen), "selected"] = "chosen"
+    choice = apply_offsets(cfg, members, chosen, results[chosen], class_names)
+    if choice.offsets is not None:
+        row = {"name": choice.method, "kind": "offsets", **score_row(cfg.train.metric, members.y_true, choice.oof),
+               "weights": "", "selected": "final"}
+        table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    scores = summarise(table, choice, members, cfg.train.metric)
+    write_outputs(cfg, members, choice, table, scores, class_names)
+
+    sources = "\n  ".join(f"{n}: {s}" for n, s in members.sources.items())
+    with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
+        print(f"ensemble: OOF files\n  {sources}\n{table.to_string(index=False)}", file=sys.stderr)
+    print(f"ensemble: chosen {choice.method} (OOF {scores['metric']} {scores['oof_score']:.4f}; best single "
+          f"{scores['best_single']} {scores['best_single_score']:.4f}, gain {scores['gain_over_best_single']:+.4f})"
+          + (f"\n{choice.offsets_note}" if choice.offsets_note else ""), file=sys.stderr)
+    return scores
+
+
+if __name__ == "__main__":
+    cli.run(main, "Combine the backbones' OOF and test probabilities; choose the method on OOF.")

@@ -1,0 +1,171 @@
+"""Stage infer: test probabilities of each backbone with test-time augmentation, averaged over folds.
+
+Reads:  ``paths.models``/<backbone>/fold<k>/best.pt (or last.pt), ``paths.cache``, ``paths.folds``.
+Writes: ``paths.preds``/<backbone>.parquet (id, one probability column per class, in the
+        sample submission's order), <backbone>_oof.parquet (id, fold, classes: each fold's
+        validation images predicted with the same TTA, so what the ensemble learns on OOF
+        transfers to test), <backbone>_tta.csv (the OOF score of every TTA view alone and
+        of the merge: which views help).
+
+Each view is one batched forward pass (ttach's transforms on the device), so k views
+cost k plain passes. Views are merged as probabilities (softmax first), by arithmetic or
+geometric mean, so no merge can turn negative logits into NaN.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import cli, metrics
+from pipeline.artifacts import probability_table, write_csv, write_parquet
+from pipeline.config import Config
+from pipeline.data import Cache, ImageDataset, encode_labels, slug
+from pipeline.engine import autocast, autocast_dtype, resolve_device, to_device
+from pipeline.errors import ConfigError, DataError
+from pipeline.folds import read_folds
+from pipeline.models import Heads, ProbabilityModel, create_model
+
+
+def tta_transforms(names: list[str], size_hw: tuple[int, int]):
+    """A ttach Compose from config names; its views are the product of the transforms' settings."""
+    import ttach
+
+    square = size_hw[0] == size_hw[1]
+    table = {
+        "hflip": ttach.HorizontalFlip,
+        "vflip": ttach.VerticalFlip,
+        # A quarter turn of a rectangle swaps its sides, so rectangles only get the half turn.
+        "rotate90": lambda: ttach.Rotate90(angles=[0, 90, 180, 270] if square else [0, 180]),
+        "multiscale": lambda: ttach.Scale(scales=[0.875, 1.0, 1.125], interpolation="bilinear", align_corners=False),
+        "brightness": lambda: ttach.Multiply(factors=[0.9, 1.0, 1.1]),
+    }
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ConfigError(f"infer.tta has unknown transform(s) {unknown}; valid: {', '.join(table)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"infer.tta lists a transform twice: {names}")
+    return ttach.Compose([table[n]() for n in names]) if names else None
+
+
+def view_names(compose, tta: list[str]) -> list[str]:
+    """A readable name per view, e.g. ``hflip+rotate90=180``; the identity view is ``plain``."""
+    if compose is None:
+        return ["plain"]
+    names = []
+    for params in compose.aug_transform_parameters:
+        parts = [name if isinstance(p, bool) else f"{name}={p}"
+                 for name, t, p in zip(tta, compose.aug_transforms, params) if p != t.identity_param]
+        names.append("+".join(parts) or "plain")
+    return names
+
+
+@torch.no_grad()
+def predict_views(model: ProbabilityModel, images: np.ndarray, indices: np.ndarray, compose, device,
+                  batch_size: int, amp=None, channels_last: bool = False, desc: str = "tta") -> np.ndarray:
+    """Probabilities of every view: V x N x C. Each batch is moved to the device once and every view
+    is computed there, so k views cost k forward passes and one transfer."""
+    from tqdm import tqdm
+
+    model.eval()
+    loader = torch.utils.data.DataLoader(ImageDataset(images, indices), batch_size=batch_size, shuffle=False,
+                                         pin_memory=device.type == "cuda")
+    outputs = []
+    for batch in tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0):
+        x = to_device(batch, device, channels_last).float()
+        views = [x] if compose is None else [t.augment_image(x) for t in compose]
+        with autocast(device, amp):
+            outputs.append(torch.stack([model(v).float() for v in views]).cpu())
+    return torch.cat(outputs, dim=1).numpy().astype(np.float64)
+
+
+def merge_views(view_proba: np.ndarray, mode: str) -> np.ndarray:
+    """V x N x C probabilities -> N x C, by arithmetic or geometric mean; rows sum to 1."""
+    if mode == "gmean":
+        merged = np.exp(np.log(np.clip(view_proba, 1e-12, 1.0)).mean(axis=0))
+    else:
+        merged = view_proba.mean(axis=0)
+    return merged / merged.sum(axis=1, keepdims=True)
+
+
+def load_fold_model(path, class_names: list[str], device) -> tuple[ProbabilityModel, dict]:
+    """Rebuild a fold's model from its checkpoint alone (backbone, heads, channels, normalisation)."""
+    from pipeline.train import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    heads = Heads.from_dict(checkpoint["heads"])
+    if heads.class_names != class_names:
+        raise DataError(f"checkpoint {path} was trained on classes {heads.class_names}, the cache has {class_names}: "
+                        f"re-run train")
+    model = create_model(checkpoint["backbone"], heads, checkpoint["in_chans"], checkpoint["mean"], checkpoint["std"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise DataError(f"checkpoint {path} does not fit its backbone ({str(error)[:160]}); re-run train") from None
+    return ProbabilityModel(model, heads).to(device), checkpoint
+
+
+def infer_backbone(cfg: Config, backbone: str) -> dict:
+    device = resolve_device(cfg.train.device)
+    amp = autocast_dtype(cfg.train.amp, device)
+    cache = Cache.open(cfg)
+    compose = tta_transforms(cfg.infer.tta, cfg.data.size_hw)
+    names = view_names(compose, cfg.infer.tta)
+    train_table, test_table = cache.table("train"), cache.table("test")
+    folds = read_folds(cfg)
+    fold_of = dict(zip(folds["id"].astype(str), folds["fold"].astype(int)))
+    train_ids = train_table["id"].astype(str).to_numpy()
+    fold_column = np.array([fold_of.get(i, -1) for i in train_ids])
+    labels = encode_labels(train_table["target"], cache.class_names, "the cache")
+    model_dir = cfg.path("models") / slug(backbone)
+    fold_dirs = sorted(model_dir.glob("fold*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
+    if not fold_dirs:
+        raise DataError(f"no trained folds in {model_dir}: run train for {backbone} first")
+    test_images, train_images = cache.images("test"), cache.images("train")
+    test_sum = np.zeros((len(names), len(test_table), len(cache.class_names)))
+    oof_views = np.full((len(names), len(train_ids), len(cache.class_names)), np.nan)
+    channels_last = cfg.train.channels_last and device.type == "cuda"
+    for fold_dir in fold_dirs:
+        fold = int(fold_dir.name[4:])
+        model, _ = load_fold_model(fold_dir / f"{cfg.infer.checkpoint}.pt", cache.class_names, device)
+        validation = np.flatnonzero(fold_column == fold)
+        print(f"[{backbone}] fold {fold}: {len(names)} TTA view(s) on {len(validation)} validation and "
+              f"{len(test_table)} test images", file=sys.stderr)
+        oof_views[:, validation] = predict_views(model, train_images, validation, compose, device,
+                                                 cfg.infer.batch_size, amp, channels_last, f"[{backbone}] oof {fold}")
+        test_sum += predict_views(model, test_images, np.arange(len(test_table)), compose, device,
+                                  cfg.infer.batch_size, amp, channels_last, f"[{backbone}] test {fold}")
+    covered = ~np.isnan(oof_views[0, :, 0])
+    test_proba = merge_views(test_sum / len(fold_dirs), cfg.infer.merge)
+    oof_proba = merge_views(oof_views[:, covered], cfg.infer.merge)
+    y_true = labels[covered]
+    metric = cfg.train.metric
+    view_table = pd.DataFrame({
+        "view": names + [f"merged ({cfg.infer.merge})"],
+        metric: [metrics.score(metric, y_true, v / v.sum(1, keepdims=True)) for v in oof_views[:, covered]]
+        + [metrics.score(metric, y_true, oof_proba)],
+        "log_loss": [metrics.score("log_loss", y_true, v) for v in oof_views[:, covered]]
+        + [metrics.score("log_loss", y_true, oof_proba)]})
+    preds = cfg.path("preds")
+    write_parquet(preds / f"{slug(backbone)}.parquet",
+                  probability_table(test_table["id"].astype(str), test_proba, cache.class_names))
+    write_parquet(preds / f"{slug(backbone)}_oof.parquet",
+                  probability_table(train_ids[covered], oof_proba, cache.class_names, fold_column[covered]))
+    write_csv(preds / f"{slug(backbone)}_tta.csv", view_table)
+    print(f"[{backbone}] TTA views on OOF ({metric}):\n{view_table.to_string(index=False)}", file=sys.stderr)
+    return {"backbone": backbone, "views": len(names), "oof_" + metric: float(view_table[metric].iloc[-1]),
+            "plain_" + metric: float(view_table[metric].iloc[0])}
+
+
+def main(cfg: Config, backbone: str | None = None) -> dict:
+    if backbone and backbone not in cfg.backbones:
+        raise ConfigError(f"--backbone {backbone} is not in backbones {cfg.backbones}")
+    tta_transforms(cfg.infer.tta, cfg.data.size_hw)  # a typo fails before any model is loaded
+    return {name: infer_backbone(cfg, name) for name in ([backbone] if backbone else cfg.backbones)}
+
+
+if __name__ == "__main__":
+    cli.run(main, "Test (and OOF) probabilities with test-time augmentation.", backbone_option=True)

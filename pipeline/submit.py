@@ -1,0 +1,276 @@
+"""Stage submit: write the competition CSV from the ensemble and score it like the leaderboard.
+
+Reads:  ``paths.ensemble``/ test.parquet, scores.json, weights.json; ``paths.cache``/ meta.json and
+        sample_submission.csv; ``paths.cache``/solution.csv when the competition has hidden labels
+        (read here only, for scoring: no stage that makes a choice ever sees it).
+Writes: ``paths.submissions``/ <UTC YYYYmmdd-HHMMSS>_<method>_cv<score>.csv (every submission is
+        kept), submission.csv (the latest), leaderboard.csv (one row per submission: time, file,
+        method, members, metric, cv, public, private); ``paths.metrics``/submission.json (cv,
+        public, private: DVC metrics, outside the kept-submissions folder DVC persists).
+
+The CSV has exactly the sample submission's shape: its columns in its order, its ids as its text
+in its row order, other columns untouched; the target column holds the argmax class name
+(``submit.kind: label``) or each class column its probability (``submit.kind: proba``). It is
+validated before anything is written. Where solution.csv exists, the file is scored the way
+Kaggle scores it: ``train.metric`` on the Public rows and on the Private rows, printed beside
+the CV so a CV/leaderboard gap shows at once. ``submit.upload`` then sends it with the kaggle CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import cli, metrics
+from pipeline.artifacts import read_json, read_table, read_text_csv, write_csv, write_json
+from pipeline.config import Config
+from pipeline.data import Cache, encode_labels, slug
+from pipeline.ensemble import check_same_ids, describe_ids
+from pipeline.errors import ConfigError, DataError, PipelineError
+
+# ---------------------------------------------------------------- building and checking the CSV
+
+def value_columns(sample: pd.DataFrame, class_names: list[str], kind: str, target_col: str) -> list[str]:
+    """The sample's columns this stage fills: the target column, or one column per class."""
+    if kind == "label":
+        if target_col not in sample.columns:
+            raise DataError(f"the sample submission has no target column {target_col!r}; its columns are "
+                            f"{list(sample.columns)}: re-run prepare")
+        return [target_col]
+    missing = [c for c in class_names if c not in sample.columns]
+    if missing:
+        raise ConfigError(f"submit.kind is 'proba' but the sample submission has no column for class(es) "
+                          f"{missing} (its columns are {list(sample.columns)}); proba needs one column per class. "
+                          f"For a sample with one label column use submit.kind=label")
+    return list(class_names)
+
+
+def build_submission(sample: pd.DataFrame, proba: np.ndarray, class_names: list[str], kind: str,
+                     target_col: str) -> pd.DataFrame:
+    """The sample submission with its prediction column(s) filled from ``proba`` (N x C, sample row order)."""
+    submission = sample.copy()
+    if kind == "label":
+        # argmax would turn a NaN row into class 0; leave it empty so validation names it instead.
+        finite = np.isfinite(proba).all(axis=1)
+        submission[target_col] = [class_names[i] if ok else np.nan
+                                  for i, ok in zip(metrics.predict_labels(proba), finite)]
+    else:
+        for index, name in enumerate(class_names):
+            submission[name] = proba[:, index]
+    return submission
+
+
+def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame, class_names: list[str], kind: str,
+                        id_col: str | None = None, target_col: str | None = None) -> list[str]:
+    """Every problem of a submission against its sample (empty list: it is fine to send).
+
+    Checks the columns and their order, every sample id present exactly once and in the sample's
+    order, no extra id, no empty value, and every label a known class (``kind`` label) or every
+    probability in [0, 1] (``kind`` proba). ``id_col``/``target_col`` default to the sample's first
+    and second columns. Each problem names the offending ids (the first 10 and a count).
+    """
+    id_col = id_col or sample.columns[0]
+    target_col = target_col or sample.columns[1]
+    problems = []
+    if list(submission.columns) != list(sample.columns):
+        problems.append(f"columns {list(submission.columns)} are not the sample submission's {list(sample.columns)}")
+    if id_col not in submission.columns:
+        return problems + [f"no id column {id_col!r}"]
+    ids = submission[id_col]
+    if ids.isna().any():
+        problems.append(f"empty id on row(s) {np.flatnonzero(ids.isna())[:10].tolist()}")
+    ids = ids[ids.notna()].astype(str)
+    sample_ids = sample[id_col].astype(str)
+    present, expected = set(ids), set(sample_ids)
+    duplicated = ids[ids.duplicated()].unique()
+    if len(duplicated):
+        problems.append(f"duplicate {describe_ids(duplicated)}")
+    missing = [i for i in sample_ids if i not in present]
+    if missing:
+        problems.append(f"missing {describe_ids(missing)} of the sample submission")
+    extra = [i for i in ids if i not in expected]
+    if extra:
+        problems.append(f"{describe_ids(extra)} not in the sample submission")
+    if not problems and ids.tolist() != sample_ids.tolist():
+        row = int(np.flatnonzero(ids.to_numpy() != sample_ids.to_numpy())[0])
+        problems.append(f"ids are not in the sample submission's order: row {row} holds {ids.iloc[row]}, "
+                        f"the sample has {sample_ids.iloc[row]}")
+    columns = [target_col] if kind == "label" else [c for c in class_names if c in submission.columns]
+    columns = [c for c in columns if c in submission.columns]
+    row_ids = submission[id_col].astype(str)
+    empty = submission[columns].isna().any(axis=1)
+    if empty.any():
+        problems.append(f"empty (NaN) prediction for {describe_ids(row_ids[empty])}")
+    if kind == "label" and target_col in submission.columns:
+        unknown = submission[target_col].notna() & ~submission[target_col].astype(str).isin(class_names)
+        if unknown.any():
+            labels = sorted(submission.loc[unknown, target_col].astype(str).unique())[:10]
+            problems.append(f"label(s) {labels} are not among the classes {class_names}, for "
+                            f"{describe_ids(row_ids[unknown])}")
+    elif kind == "proba" and columns:
+        values = submission[columns].apply(pd.to_numeric, errors="coerce")
+        outside = (values.isna() & submission[columns].notna()).any(axis=1) | (values < 0).any(axis=1) \
+            | (values > 1).any(axis=1)
+        if outside.any():
+            problems.append(f"probabilities that are not numbers in [0, 1] for {describe_ids(row_ids[outside])}")
+    return problems
+
+
+# ---------------------------------------------------------------- scoring like the leaderboard
+
+def leaderboard_scores(submission: pd.DataFrame, solution: pd.DataFrame, class_names: list[str], kind: str,
+                       metric: str, id_col: str, target_col: str) -> dict:
+    """Kaggle's {"public", "private"}: ``metric`` on the solution rows of each Usage (None when it has none).
+
+    A label submission is scored as one-hot probabilities of its labels, a proba submission by its
+    class columns. A solution without a Usage column counts wholly as Public.
+    """
+    for column in (id_col, target_col):
+        if column not in solution.columns:
+            raise DataError(f"the solution has no column {column!r}; its columns are {list(solution.columns)}")
+    solution_ids = solution[id_col].astype(str)
+    rows = submission.assign(**{id_col: submission[id_col].astype(str)}).set_index(id_col)
+    unscored = sorted(set(solution_ids) - set(rows.index))
+    if unscored:
+        raise DataError(f"the solution holds {describe_ids(unscored)} that the submission does not")
+    rows = rows.loc[solution_ids]
+    if kind == "label":
+        proba = np.eye(len(class_names))[encode_labels(rows[target_col], class_names, "the submission")]
+    else:
+        proba = rows[class_names].to_numpy(dtype=float)
+    y_true = encode_labels(solution[target_col], class_names, "the solution")
+    usage = (solution["Usage"].str.strip().str.lower() if "Usage" in solution.columns
+             else pd.Series("public", index=solution.index))
+    scores = {}
+    for split in ("public", "private"):
+        chosen = (usage == split).to_numpy()
+        scores[split] = metrics.score(metric, y_true[chosen], proba[chosen]) if chosen.any() else None
+    return scores
+
+
+# ---------------------------------------------------------------- files and upload
+
+def keep_submission(cfg: Config, submission: pd.DataFrame, method: str, cv: float) -> tuple[Path, datetime]:
+    """Write the timestamped copy and submission.csv (the latest); a name already taken gets a suffix."""
+    folder = cfg.path("submissions")
+    now = datetime.now(timezone.utc)
+    stem = f"{now:%Y%m%d-%H%M%S}_{slug(method)}_cv{cv:.4f}"
+    path, count = folder / f"{stem}.csv", 1
+    while path.exists():
+        count += 1
+        path = folder / f"{stem}-{count}.csv"
+    write_csv(path, submission)
+    write_csv(folder / "submission.csv", submission)
+    return path, now
+
+
+def append_leaderboard(path: Path, row: dict) -> pd.DataFrame:
+    """Read, append, write whole (atomically): a killed run leaves the old board, never half a row."""
+    board = pd.DataFrame([row])
+    if path.exists():
+        board = pd.concat([read_table(path, "leaderboard"), board], ignore_index=True)
+    write_csv(path, board)
+    return board
+
+
+def credentials_found() -> bool:
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return True
+    folders = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else []
+    folders += [Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"]
+    return any((folder / "kaggle.json").is_file() for folder in folders)
+
+
+def upload(cfg: Config, path: Path) -> None:
+    """``kaggle competitions submit``; anything missing is one PipelineError listing what and how."""
+    missing = []
+    if shutil.which("kaggle") is None:
+        missing.append("the kaggle command-line tool is not on PATH (pip install kaggle)")
+    if not credentials_found():
+        missing.append("Kaggle API credentials: save kaggle.json (kaggle.com > Settings > API > Create New Token) "
+                       "as ~/.kaggle/kaggle.json with chmod 600, or set KAGGLE_USERNAME and KAGGLE_KEY")
+    if not cfg.submit.competition:
+        missing.append("submit.competition is not set (the competition's name in its URL, e.g. "
+                       "submit.competition=titanic)")
+    if missing:
+        raise PipelineError("submit.upload is on but cannot upload: " + "; ".join(missing)
+                            + f". The local submission is written: {path}")
+    command = ["kaggle", "competitions", "submit", "-c", cfg.submit.competition, "-f", str(path),
+               "-m", cfg.submit.message]
+    try:
+        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise PipelineError(f"kaggle upload timed out after 600 s; the local submission is {path}") from None
+    if result.returncode != 0:
+        raise PipelineError(f"kaggle upload failed (exit {result.returncode}): "
+                            f"{(result.stderr or result.stdout).strip()[-800:]}; the local submission is {path}")
+    print(f"submit: uploaded to {cfg.submit.competition}: {result.stdout.strip()}", file=sys.stderr)
+
+
+def read_ensemble_test(cfg: Config, cache: Cache, sample_ids: list[str], sample_path: Path) -> np.ndarray:
+    """The ensemble's test probabilities, aligned by id to the sample submission's rows -> N x C."""
+    path = cfg.path("ensemble") / "test.parquet"
+    test = read_table(path, "ensemble test predictions")
+    test["id"] = test["id"].astype(str)
+    columns = [str(c) for c in test.columns if c != "id"]
+    if sorted(columns) != sorted(cache.class_names):
+        raise DataError(f"{path} has class columns {columns} but {cache.folder / 'meta.json'} has "
+                        f"{cache.class_names}: re-run ensemble")
+    check_same_ids(test["id"], sample_ids, path, sample_path)
+    return test.set_index("id").loc[sample_ids, list(cache.class_names)].to_numpy(dtype=float)
+
+
+# ---------------------------------------------------------------- the stage
+
+def main(cfg: Config) -> dict:
+    cache = Cache.open(cfg)
+    class_names, id_col, target_col = list(cache.class_names), cache.meta["id_col"], cache.meta["target_col"]
+    kind, metric = cfg.submit.kind, cfg.train.metric
+    sample_path = cache.folder / "sample_submission.csv"
+    sample = read_text_csv(sample_path, "sample submission", "prepare")
+    value_columns(sample, class_names, kind, target_col)
+    ensemble_scores = read_json(cfg.path("ensemble") / "scores.json", "ensemble scores")
+    members = read_json(cfg.path("ensemble") / "weights.json", "ensemble weights")["members"]
+    if ensemble_scores["metric"] != metric:
+        raise DataError(f"the ensemble was scored with {ensemble_scores['metric']} but train.metric is {metric}: "
+                        f"re-run ensemble")
+    method, cv = ensemble_scores["method"], float(ensemble_scores["oof_score"])
+
+    proba = read_ensemble_test(cfg, cache, sample[id_col].tolist(), sample_path)
+    submission = build_submission(sample, proba, class_names, kind, target_col)
+    problems = validate_submission(submission, sample, class_names, kind, id_col, target_col)
+    if problems:
+        raise DataError("the submission is not valid, nothing was written:\n  " + "\n  ".join(problems))
+    path, now = keep_submission(cfg, submission, method, cv)
+
+    solution_path = cache.folder / "solution.csv"
+    scores = {"public": None, "private": None}
+    if solution_path.exists():
+        solution = read_text_csv(solution_path, "solution", "prepare")
+        scores = leaderboard_scores(submission, solution, class_names, kind, metric, id_col, target_col)
+    row = {"time": f"{now:%Y-%m-%dT%H:%M:%SZ}", "file": path.name, "method": method, "members": "+".join(members),
+           "metric": metric, "cv": cv, **scores}
+    board = append_leaderboard(cfg.path("submissions") / "leaderboard.csv", row)
+    result = {"cv": cv, **scores, "method": method, "metric": metric}
+    write_json(cfg.path("metrics") / "submission.json", result)
+
+    def shown(value):
+        return "n/a (no solution.csv)" if value is None else f"{value:.4f}"
+
+    print(f"submit: wrote {path} ({len(submission)} rows, kind {kind}) and submission.csv\n"
+          f"  {metric}: CV {cv:.4f} | Public {shown(scores['public'])} | Private {shown(scores['private'])}\n"
+          f"leaderboard (last 5):\n{board.tail(5).to_string(index=False)}", file=sys.stderr)
+    if cfg.submit.upload:
+        upload(cfg, path)
+    return {**result, "file": str(path)}
+
+
+if __name__ == "__main__":
+    cli.run(main, "Write the submission CSV, validate it, and score it like the leaderboard.")

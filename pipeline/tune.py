@@ -1,0 +1,455 @@
+"""Stage tune: an Optuna study per backbone over the training hyperparameters.
+
+Reads:  ``paths.cache`` (images), ``paths.folds``, and the study in ``tune.storage``
+        (default ``paths.tuning``/optuna.journal, one study per backbone, named after it).
+Writes: the trials into that storage, and ``paths.tuning``/<backbone>/ with
+        best_params.yaml (the best trial's ``train.*`` values; train applies them when
+        ``train.use_tuned``), trials.csv (every trial: number, state, value, params, worker)
+        and PNG plots (history, importances, parallel, intermediate).
+
+A trial is the config with the trial's ``tune.space`` values, trained by train's own
+``cross_validate`` on ``tune.folds`` for ``tune.epochs`` epochs; its value is the mean of the
+folds' best ``train.metric``. It reports every epoch (one fold) or every fold (several: what
+the Wilcoxon pruner is made for), so ``tune.pruner`` stops hopeless trials early. A new
+study's first trial is the untuned config, so the best trial is never worse than it.
+
+The study lives in the storage: a re-run adds ``tune.n_trials`` trials (or runs until
+``tune.timeout``), and any number of workers started at once join the same study. The default
+journal file serves the processes of one box; a PostgreSQL URL serves workers on several
+machines. A worker that dies leaves its trial failed, not running forever: Optuna's heartbeat
+does it for a database, a check of the worker's process on this host for a journal file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import socket
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+import yaml
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import ValidationError
+
+from pipeline import cli, metrics
+from pipeline.artifacts import save_figure, write_csv, write_text
+from pipeline.config import Config, Train
+from pipeline.data import slug
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.train import TrainingData, check_choices, cross_validate, load_training_data
+
+
+class TrialFailed(Exception):
+    """A trial that training rejected (a NaN loss, out of GPU memory): the study marks it failed and goes on."""
+
+
+# ---------------------------------------------------------------- the search space
+
+def search_space(cfg: Config) -> dict[str, BaseDistribution]:
+    """``tune.space`` as Optuna distributions; every name, bound and choice checked against train's config."""
+    valid = list(Train.model_fields)
+    space = {}
+    for name, param in cfg.tune.space.items():
+        where = f"tune.space.{name}"
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}: train has no key {name!r}{hint} (valid: {', '.join(valid)})")
+        if name == "epochs":
+            raise ConfigError(f"{where}: a trial's budget is tune.epochs; compare budgets by separate studies")
+        try:
+            if param.type == "categorical":
+                distribution = CategoricalDistribution(param.choices)
+            elif param.type == "int":
+                if not all(float(v).is_integer() for v in (param.low, param.high, param.step or 1)):
+                    raise ValueError(f"an int parameter needs integer low, high and step (got {param.low}, "
+                                     f"{param.high}, {param.step})")
+                distribution = IntDistribution(int(param.low), int(param.high), log=param.log,
+                                               step=int(param.step or 1))
+            else:
+                distribution = FloatDistribution(param.low, param.high, log=param.log, step=param.step)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        bounds = distribution.choices if param.type == "categorical" else (distribution.low, distribution.high)
+        for value in bounds:
+            try:
+                check_choices(with_train_values(cfg, {name: value}))
+            except ValidationError as error:
+                reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ConfigError(f"{where}: {value!r} is not a valid train.{name} ({reason})") from None
+            except ConfigError as error:
+                raise ConfigError(f"{where}: {error}") from None
+        space[name] = distribution
+    return space
+
+
+def with_train_values(cfg: Config, values: dict) -> Config:
+    """A copy of the config with ``train.<name> = value`` for each item (raises pydantic's ValidationError)."""
+    data = cfg.model_dump()
+    data["train"].update(values)
+    return Config.model_validate(data)
+
+
+def suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution):
+    if isinstance(distribution, CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
+                                 log=distribution.log)
+    return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step,
+                               log=distribution.log)
+
+
+def untuned_values(cfg: Config, space: dict[str, BaseDistribution]) -> dict:
+    """The config's own values of the space's parameters, those inside the space (the first trial of a study)."""
+    values = {}
+    for name, distribution in space.items():
+        value = getattr(cfg.train, name)
+        if isinstance(distribution, CategoricalDistribution):
+            inside = value in distribution.choices
+        else:
+            inside = isinstance(value, (int, float)) and distribution.low <= value <= distribution.high
+        if inside:
+            values[name] = value
+    return values
+
+
+# ---------------------------------------------------------------- storage, sampler, pruner
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def open_storage(cfg: Config):
+    """The storage ``tune.storage`` names: a database URL (RDBStorage with heartbeat) or a journal file.
+
+    None means ``paths.tuning``/optuna.journal: a JournalStorage, which several processes append
+    to safely (SQLite locks under concurrent writers). Raises PipelineError naming the storage,
+    without its password, when it cannot be opened.
+    """
+    target = cfg.tune.storage or str(cfg.path("tuning") / "optuna.journal")
+    if "://" not in target:
+        if not target.endswith((".journal", ".log")):
+            raise ConfigError(f"tune.storage {target!r} is neither a database URL (postgresql://user:password@host:"
+                              f"5432/db, sqlite:///file.db) nor a journal file (*.journal or *.log)")
+        try:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(target))
+        except OSError as error:
+            raise PipelineError(f"cannot open the Optuna journal {target}: {error.strerror}; "
+                                f"check that its folder is writable") from None
+
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    try:
+        url = sqlalchemy.engine.make_url(target)
+    except sqlalchemy.exc.ArgumentError:
+        raise ConfigError("tune.storage is not a valid database URL "
+                          "(e.g. postgresql://user:password@host:5432/db)") from None
+    shown = url.render_as_string(hide_password=True)
+    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the 'postgres' extra installs psycopg2.
+        url = url.set(drivername="postgresql+psycopg2")
+    engine_kwargs = {}
+    if url.get_backend_name() == "postgresql":
+        # A trial can keep a connection idle for hours: ping before use; fail fast on a dead host.
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            # A dead worker's trial stops sending heartbeats; after 2 x heartbeat seconds the next
+            # worker to start a trial marks it failed. Plain fail, not a retry: a trial that killed
+            # its worker (out of memory at a large batch size) would kill the next one too.
+            return optuna.storages.RDBStorage(url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs,
+                                              heartbeat_interval=cfg.tune.heartbeat,
+                                              heartbeat_stale_trial_callback=_report_stale)
+    except ImportError:
+        raise ConfigError(f"tune.storage {shown} needs a database driver: pip install psycopg2-binary "
+                          f"(the project's 'postgres' extra) for PostgreSQL") from None
+    except sqlalchemy.exc.ArgumentError as error:
+        raise ConfigError(f"tune.storage {shown}: {error} (e.g. postgresql://user:password@host:5432/db)") from None
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        if url.password:
+            reason = reason.replace(url.password, "***")
+        raise PipelineError(f"cannot reach the Optuna storage {shown} ({reason}): check that the server runs and "
+                            f"is reachable from this machine (host, port, firewall), that the database exists, and "
+                            f"the user and password") from None
+
+
+def _report_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    print(f"[{study.study_name}] trial {trial.number} (worker {trial.user_attrs.get('worker', '?')}) sent no "
+          f"heartbeat for a while: marked failed", file=sys.stderr)
+
+
+def fail_orphaned_trials(study: optuna.Study) -> None:
+    """Mark failed the running trials whose worker process on this host is gone.
+
+    A journal file has no heartbeat, but its workers share a host (or a network folder): a
+    running trial whose recorded worker is this host and a process id that no longer exists
+    was left by a killed worker.
+    """
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            print(f"[{study.study_name}] trial {trial.number}: its worker (pid {pid}) is gone; marked failed",
+                  file=sys.stderr)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """Optuna's TPE, its random draws seeded from (seed, trial number).
+
+    One seed per process would make workers started together draw the same random startup
+    trials; the trial number is unique across workers, and the same for a re-run alone.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._tpe = optuna.samplers.TPESampler(seed=seed)
+
+    def before_trial(self, study, trial):
+        self._tpe = optuna.samplers.TPESampler(seed=self.seed + trial.number)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values):
+        self._tpe.after_trial(study, trial, state, values)
+
+    def reseed_rng(self):
+        self._tpe.reseed_rng()
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    steps = cfg.tune.epochs if len(cfg.tune.folds) == 1 else len(cfg.tune.folds)
+    if cfg.tune.pruner == "median":
+        # Optuna's 5 startup trials would leave a small study unpruned: the untuned first trial and
+        # one sampled are enough for a median. The first step (warmup, or fold 0) is not judged.
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if cfg.tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=steps, reduction_factor=3)
+    if cfg.tune.pruner == "wilcoxon":
+        if len(cfg.tune.folds) == 1:
+            print("tune: the wilcoxon pruner compares folds; with one tune.folds it compares epochs instead",
+                  file=sys.stderr)
+        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: Config, backbone: str, storage=None) -> optuna.Study:
+    """The backbone's study in the storage: joined when it exists, else created with the untuned config queued first."""
+    storage = storage if storage is not None else open_storage(cfg)
+    direction = "maximize" if metrics.greater_is_better(cfg.train.metric) else "minimize"
+    sampler, pruner = TrialSeededTPE(cfg.tune.seed), make_pruner(cfg)
+    try:
+        study = optuna.create_study(storage=storage, study_name=backbone, direction=direction, sampler=sampler,
+                                    pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:  # another run or worker made it: join
+        study = optuna.load_study(study_name=backbone, storage=storage, sampler=sampler, pruner=pruner)
+        recorded = study.user_attrs.get("metric", cfg.train.metric)
+        if recorded != cfg.train.metric or study.direction.name.lower() != direction:
+            raise ConfigError(f"the study {backbone!r} in the Optuna storage was tuned for {recorded} "
+                              f"({study.direction.name.lower()}), not train.metric {cfg.train.metric}: set "
+                              f"tune.storage to another file or database, or delete the old one") from None
+        return study
+    study.set_user_attr("metric", cfg.train.metric)
+    study.enqueue_trial(untuned_values(cfg, search_space(cfg)), user_attrs={"origin": "untuned config"})
+    return study
+
+
+# ---------------------------------------------------------------- the objective
+
+def make_objective(cfg: Config, backbone: str, data: TrainingData, space: dict[str, BaseDistribution]):
+    """objective(trial) -> the mean over ``tune.folds`` of each fold's best ``train.metric``."""
+    one_fold = len(cfg.tune.folds) == 1
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker_name())
+        values = {name: suggest(trial, name, distribution) for name, distribution in space.items()}
+        try:
+            trial_cfg = with_train_values(cfg, values)
+        except ValidationError as error:
+            raise ConfigError(f"tune.space: trial {trial.number}'s values {values} make an invalid train config: "
+                              f"{error.errors()[0]['msg']}") from None
+
+        def report(step: int, score: float) -> None:
+            trial.report(score, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        try:
+            results = cross_validate(
+                trial_cfg, backbone, data, out_dir=None, folds=cfg.tune.folds, epochs=cfg.tune.epochs,
+                train_subset=cfg.tune.max_train, on_fold=None if one_fold else report,
+                on_epoch=(lambda fold, epoch, score: report(epoch, score)) if one_fold else None)
+        except ConfigError:
+            raise  # a config bug, not a bad trial: stop
+        except (PipelineError, torch.cuda.OutOfMemoryError) as error:
+            trial.set_user_attr("error", str(error)[:500])
+            raise TrialFailed(str(error)) from error
+        return float(np.mean([result.best_score for result in results]))
+
+    return objective
+
+
+def progress(cfg: Config, backbone: str, orphan_check: bool):
+    """The after-trial callback: one line per trial with the best so far (all workers' trials)."""
+    unit = "epoch" if len(cfg.tune.folds) == 1 else "fold"
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        if trial.state == TrialState.COMPLETE:
+            outcome = f"{cfg.train.metric} {trial.value:.4f}"
+        elif trial.state == TrialState.PRUNED:
+            outcome = f"pruned at {unit} {(trial.last_step or 0) + 1}"
+        else:
+            outcome = f"failed: {trial.user_attrs.get('error', 'see the error above')}"
+        try:
+            best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
+        except ValueError:
+            best = "no completed trial yet"
+        print(f"[{backbone}] trial {trial.number} {params}: {outcome}; {best}", file=sys.stderr)
+        if orphan_check:
+            fail_orphaned_trials(study)
+
+    return callback
+
+
+# ---------------------------------------------------------------- outputs
+
+PLOTS = {  # file -> (Optuna's matplotlib plot, completed trials it needs)
+    "history.png": ("plot_optimization_history", 1),
+    "importances.png": ("plot_param_importances", 2),
+    "parallel.png": ("plot_parallel_coordinate", 1),
+    "intermediate.png": ("plot_intermediate_values", 0),
+}
+
+
+def save_plots(folder: Path, study: optuna.Study, backbone: str) -> list[str]:
+    """The PNGs Optuna can draw for this study; a plot it cannot draw is skipped with a note."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    saved = []
+    for file_name, (function, needed) in PLOTS.items():
+        if completed < needed:
+            print(f"[{backbone}] {file_name} skipped: it needs {needed} completed trial(s), the study has {completed}",
+                  file=sys.stderr)
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = getattr(optuna_plots, function)(study)
+        except Exception as error:  # Optuna raises several types on a study it cannot draw
+            plt.close("all")
+            print(f"[{backbone}] {file_name} skipped: {type(error).__name__}: {error}", file=sys.stderr)
+            continue
+        save_figure(folder / file_name, np.ravel(axes)[0].figure)
+        saved.append(file_name)
+    return saved
+
+
+def write_outputs(cfg: Config, backbone: str, study: optuna.Study) -> dict:
+    """best_params.yaml, trials.csv and the plots of the study as it stands (every worker's trials)."""
+    folder = cfg.path("tuning") / slug(backbone)
+    trials = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "datetime_start",
+                                           "duration"))
+    write_csv(folder / "trials.csv", trials)
+    states = [trial.state for trial in study.get_trials(deepcopy=False)]
+    try:
+        best = study.best_trial
+    except ValueError:  # every trial pruned or failed
+        best = None
+    write_text(folder / "best_params.yaml", yaml.safe_dump(dict(best.params) if best else {}, sort_keys=False))
+    plots = save_plots(folder, study, backbone)
+    summary = {"trials": len(states), **{state.name.lower(): states.count(state) for state in
+                                         (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
+               "best_value": best.value if best else None, "best_trial": best.number if best else None,
+               "best_params": dict(best.params) if best else {}, "plots": plots}
+    print(f"[{backbone}] {summary['trials']} trials ({summary['complete']} complete, {summary['pruned']} pruned, "
+          f"{summary['fail']} failed); " + (f"best {cfg.train.metric} {best.value:.4f} at trial {best.number}: "
+                                            f"{folder / 'best_params.yaml'}" if best else
+                                            "no completed trial: best_params.yaml is empty, train uses its defaults"),
+          file=sys.stderr)
+    return summary
+
+
+def write_untuned(cfg: Config, backbone: str) -> dict:
+    """Tuning off: an empty best_params.yaml (DVC still gets its output; train uses its own values)."""
+    write_text(cfg.path("tuning") / slug(backbone) / "best_params.yaml", "{}\n")
+    print(f"[{backbone}] tuning is off (tune.enabled false or tune.n_trials 0): empty best_params.yaml",
+          file=sys.stderr)
+    return {"trials": 0, "best_params": {}}
+
+
+# ---------------------------------------------------------------- one backbone, then all
+
+def tune_backbone(cfg: Config, backbone: str, storage, data: TrainingData, space: dict) -> dict:
+    study = open_study(cfg, backbone, storage)
+    journal = isinstance(storage, JournalStorage)
+    if journal:
+        fail_orphaned_trials(study)
+    budget = f"{cfg.tune.n_trials} trial(s)" + (f" or {cfg.tune.timeout:g}s" if cfg.tune.timeout else "")
+    print(f"[{backbone}] tuning {', '.join(space)}: {budget} more on top of {len(study.trials)}, {cfg.tune.epochs} "
+          f"epoch(s) on fold(s) {cfg.tune.folds}, {cfg.tune.pruner} pruner, worker {worker_name()}", file=sys.stderr)
+    study.optimize(make_objective(cfg, backbone, data, space), n_trials=cfg.tune.n_trials, timeout=cfg.tune.timeout,
+                   catch=(TrialFailed,), callbacks=[progress(cfg, backbone, orphan_check=journal)],
+                   gc_after_trial=True)
+    return write_outputs(cfg, backbone, study)
+
+
+def main(cfg: Config, backbone: str | None = None) -> dict:
+    names = [backbone] if backbone else cfg.backbones
+    if backbone and backbone not in cfg.backbones:
+        raise ConfigError(f"--backbone {backbone} is not in backbones {cfg.backbones}")
+    check_choices(cfg)
+    space = search_space(cfg)
+    if not cfg.tune.enabled or cfg.tune.n_trials == 0:
+        return {name: write_untuned(cfg, name) for name in names}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(cfg)
+    data = load_training_data(cfg)
+    missing = sorted(set(cfg.tune.folds) - set(np.unique(data.folds).tolist()))
+    if missing:
+        raise ConfigError(f"tune.folds {missing} are not folds of {cfg.path('folds')} "
+                          f"(it has {sorted(np.unique(data.folds).tolist())})")
+    return {name: tune_backbone(cfg, name, storage, data, space) for name in names}
+
+
+if __name__ == "__main__":
+    cli.run(main, "Optuna search of each backbone's training hyperparameters.", backbone_option=True)

@@ -1,0 +1,216 @@
+"""The submit stage: validation as a pure function, and the stage on a tiny hand-made work dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_config
+
+from pipeline import submit
+from pipeline.artifacts import probability_table
+from pipeline.errors import ConfigError, DataError, PipelineError
+
+CLASSES = ["cat", "dog", "owl"]
+IDS = ["007", "010", "011", "012", "020", "021"]
+# Ensemble test probabilities; argmax: cat, dog, owl, cat, dog, dog.
+PROBA = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.3, 0.5],
+                  [0.6, 0.3, 0.1], [0.3, 0.4, 0.3], [0.1, 0.5, 0.4]])
+PREDICTED = ["cat", "dog", "owl", "cat", "dog", "dog"]
+# Public rows 007, 010, 011: truth cat, dog, cat -> 2 of 3 right; Private rows 012, 020, 021:
+# truth cat, owl, owl -> 1 of 3 right.
+SOLUTION = pd.DataFrame({"image_id": IDS, "animal": ["cat", "dog", "cat", "cat", "owl", "owl"],
+                         "Usage": ["Public"] * 3 + ["Private"] * 3})
+
+
+def label_sample() -> pd.DataFrame:
+    return pd.DataFrame({"image_id": IDS, "animal": "cat", "note": ["keep", "", "as is", "x", "y", "z"]})
+
+
+def build_work(tmp_path, *overrides, classes=CLASSES, sample=None, proba=PROBA):
+    """cache meta + sample + solution, and ensemble outputs (test rows shuffled): what submit reads."""
+    cfg = make_config(tmp_path / "work", "backbones=[good,noisy]", *overrides)
+    cache = cfg.path("cache")
+    cache.mkdir(parents=True)
+    (cache / "meta.json").write_text(json.dumps({
+        "size_hw": list(cfg.data.size_hw), "channels": cfg.data.channels, "class_names": classes,
+        "id_col": "image_id", "target_col": "animal", "mean": [0.5], "std": [0.2]}))
+    (label_sample() if sample is None else sample).to_csv(cache / "sample_submission.csv", index=False)
+    solution = SOLUTION.replace(dict(zip(CLASSES, classes)))
+    solution.to_csv(cache / "solution.csv", index=False)
+    out = cfg.path("ensemble")
+    out.mkdir(parents=True)
+    order = [3, 0, 5, 1, 4, 2]
+    probability_table(np.array(IDS)[order], proba[order], classes).to_parquet(out / "test.parquet", index=False)
+    (out / "scores.json").write_text(json.dumps({"method": "weighted", "metric": cfg.train.metric,
+                                                 "oof_score": 0.87654}))
+    (out / "weights.json").write_text(json.dumps({"members": ["good", "noisy"]}))
+    return cfg
+
+
+def read_text(path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+# ---------------------------------------------------------------- validate_submission
+
+def _missing(frame):
+    return frame[frame["image_id"] != "010"]
+
+
+def _duplicate(frame):
+    return frame.assign(image_id=["007", "010", "010", "012", "020", "021"])
+
+
+def _nan(frame):
+    return frame.assign(animal=["cat", "dog", np.nan, "cat", "dog", "dog"])
+
+
+def _unknown(frame):
+    return frame.assign(animal=["cat", "dog", "owl", "horse", "dog", "dog"])
+
+
+def _extra(frame):
+    return frame.assign(image_id=["007", "010", "011", "012", "020", "999"])
+
+
+def _reordered(frame):
+    return frame.iloc[[1, 0, 2, 3, 4, 5]]
+
+
+def _dropped_column(frame):
+    return frame.drop(columns="note")
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (_missing, ["missing 1 id(s) [010]"]),
+    (_duplicate, ["duplicate 1 id(s) [010]", "missing 1 id(s) [011]"]),
+    (_nan, ["empty (NaN) prediction for 1 id(s) [011]"]),
+    (_unknown, ["label(s) ['horse']", "1 id(s) [012]"]),
+    (_extra, ["1 id(s) [999] not in the sample", "missing 1 id(s) [021]"]),
+    (_reordered, ["not in the sample submission's order: row 0 holds 010"]),
+    (_dropped_column, ["columns ['image_id', 'animal'] are not the sample submission's"]),
+])
+def test_validate_submission_names_the_offending_ids(damage, expected):
+    sample = label_sample()
+    good = sample.assign(animal=PREDICTED)
+    assert submit.validate_submission(good, sample, CLASSES, "label") == []
+    problems = "\n".join(submit.validate_submission(damage(good), sample, CLASSES, "label"))
+    for text in expected:
+        assert text in problems
+
+
+def test_validate_submission_counts_many_ids_and_checks_probabilities():
+    sample = pd.DataFrame({"id": [f"{i}" for i in range(25)], "a": "0", "b": "0"})
+    problems = submit.validate_submission(sample.iloc[:3], sample, ["a", "b"], "proba")
+    assert problems == ["missing 22 id(s) [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, ...] of the sample submission"]
+    bad = sample.assign(a=[1.5] + [0.5] * 24, b=0.5)
+    assert submit.validate_submission(bad, sample, ["a", "b"], "proba") == [
+        "probabilities that are not numbers in [0, 1] for 1 id(s) [0]"]
+
+
+# ---------------------------------------------------------------- the stage
+
+@pytest.mark.parametrize("metric, public, private", [
+    ("accuracy", 2 / 3, 1 / 3),
+    # Public: cat F1 2/3 (1 TP, 1 FN), dog 1, owl 0 (1 FP) -> 5/9. Private: cat 1, dog 0, owl 0 -> 1/3.
+    ("macro_f1", 5 / 9, 1 / 3),
+])
+def test_submit_writes_the_sample_shape_and_scores_like_kaggle(tmp_path, metric, public, private):
+    cfg = build_work(tmp_path, f"train.metric={metric}")
+    result = submit.main(cfg)
+    folder = cfg.path("submissions")
+    written = read_text(folder / "submission.csv")
+    sample = label_sample()
+    assert list(written.columns) == list(sample.columns)
+    assert written["image_id"].tolist() == IDS  # the sample's text and order, leading zeros kept
+    assert written["animal"].tolist() == PREDICTED
+    assert written["note"].tolist() == sample["note"].tolist()  # other columns untouched
+    assert re.fullmatch(r"\d{8}-\d{6}_weighted_cv0\.8765\.csv", os.path.basename(result["file"]))
+    assert read_text(result["file"]).equals(written)
+
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert list(board.columns) == ["time", "file", "method", "members", "metric", "cv", "public", "private"]
+    assert board.loc[0, ["method", "members", "metric"]].tolist() == ["weighted", "good+noisy", metric]
+    assert board.loc[0, ["cv", "public", "private"]].tolist() == pytest.approx([0.87654, public, private])
+    assert json.loads((cfg.path("metrics") / "submission.json").read_text()) == pytest.approx(
+        {"cv": 0.87654, "public": public, "private": private, "method": "weighted", "metric": metric})
+
+    second = submit.main(cfg)
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert len(board) == 2 and board["file"].tolist() == [os.path.basename(result["file"]),
+                                                          os.path.basename(second["file"])]
+    assert second["file"] != result["file"]  # the first submission is kept even within the same second
+
+
+def test_labels_are_the_competitions_own_class_names(tmp_path):
+    # Integer-like labels whose index differs from their text: index 0 is class "1".
+    cfg = build_work(tmp_path, "train.metric=accuracy", classes=["1", "2", "3"])
+    submit.main(cfg)
+    assert read_text(cfg.path("submissions") / "submission.csv")["animal"].tolist() == ["1", "2", "3", "1", "2", "2"]
+
+
+def test_proba_kind_writes_each_class_probability(tmp_path):
+    sample = pd.DataFrame({"image_id": IDS, "cat": 0, "dog": 0, "owl": 0})
+    cfg = build_work(tmp_path, "submit.kind=proba", "train.metric=accuracy", sample=sample)
+    result = submit.main(cfg)
+    written = pd.read_csv(cfg.path("submissions") / "submission.csv", dtype={"image_id": str})
+    assert list(written.columns) == ["image_id", *CLASSES] and written["image_id"].tolist() == IDS
+    np.testing.assert_allclose(written[CLASSES].to_numpy(), PROBA)  # aligned by id, not file order
+    assert (result["public"], result["private"]) == pytest.approx((2 / 3, 1 / 3))
+
+
+def test_proba_kind_with_a_label_sample_explains(tmp_path):
+    cfg = build_work(tmp_path, "submit.kind=proba")
+    with pytest.raises(ConfigError, match=r"no column for class\(es\) \['cat', 'dog', 'owl'\].*submit.kind=label"):
+        submit.main(cfg)
+
+
+def test_invalid_submission_writes_nothing(tmp_path):
+    proba = PROBA.copy()
+    proba[4] = np.nan
+    cfg = build_work(tmp_path, proba=proba)
+    with pytest.raises(DataError, match=r"empty \(NaN\) prediction for 1 id\(s\) \[020\]"):
+        submit.main(cfg)
+    assert not cfg.path("submissions").exists()
+
+
+def _no_kaggle(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_upload_without_kaggle_fails_after_writing_the_local_file(tmp_path, monkeypatch):
+    _no_kaggle(monkeypatch, tmp_path)
+    cfg = build_work(tmp_path, "submit.upload=true")
+    with pytest.raises(PipelineError) as error:
+        submit.main(cfg)
+    message = str(error.value)
+    for text in ("kaggle command-line tool is not on PATH", "KAGGLE_USERNAME and KAGGLE_KEY",
+                 "submit.competition is not set"):
+        assert text in message
+    kept = [p for p in cfg.path("submissions").glob("*_weighted_cv*.csv")]
+    assert len(kept) == 1 and str(kept[0]) in message
+    assert (cfg.path("submissions") / "submission.csv").exists()
+    assert len(pd.read_csv(cfg.path("submissions") / "leaderboard.csv")) == 1
+
+
+def test_upload_calls_the_kaggle_cli(tmp_path, monkeypatch):
+    _no_kaggle(monkeypatch, tmp_path)
+    bin_dir = tmp_path / "empty-bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    (bin_dir / "kaggle").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\necho "Successfully submitted"\n')
+    (bin_dir / "kaggle").chmod(0o755)
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "secret")
+    cfg = build_work(tmp_path, "submit.upload=true", "submit.competition=some-comp", "submit.message=first try")
+    result = submit.main(cfg)
+    assert calls.read_text().splitlines() == ["competitions", "submit", "-c", "some-comp", "-f", result["file"],
+                                              "-m", "first try"]
