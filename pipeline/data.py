@@ -377,9 +377,15 @@ def to_uint8(image: Image.Image, channels: int) -> Image.Image:
     """Any PIL mode (grayscale, RGBA, palette, 16-bit, float) as 8-bit L or RGB."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        high = array.max() if array.max() > 255 else 255.0
-        # 16-bit and float images are scaled by their range so that no information is clipped away.
-        image = Image.fromarray(np.clip(array / max(high, 1e-9) * 255.0, 0, 255).astype(np.uint8), mode="L")
+        # One fixed scale for every image of a kind (16-bit: 0..65535, float: 0..1), never the
+        # image's own maximum, so intensities stay comparable across images.
+        if image.mode == "F" and array.max() <= 1.0:
+            scale = 255.0
+        elif image.mode.startswith("I;16") or array.max() > 255:
+            scale = 255.0 / 65535.0
+        else:
+            scale = 1.0
+        image = Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "P", "PA"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
@@ -486,10 +492,11 @@ class ImageDataset:
     def __getitem__(self, item: int):
         import torch
 
-        image = self.images[self.indices[item]]
-        # The cache is a read-only memory map: augmenting makes a new array, otherwise copy.
-        image = self.augment(np.asarray(image)) if self.augment is not None else np.array(image)
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        image = np.asarray(self.images[self.indices[item]])
+        if self.augment is not None:
+            image = self.augment(image)
+        # One copy into C x H x W order; it also detaches the sample from the read-only memory map.
+        tensor = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C"))
         if self.targets is None:
             return tensor
         return tensor, torch.as_tensor(self.targets[item])

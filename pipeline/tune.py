@@ -129,6 +129,26 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def storage_target(cfg: Config) -> str:
+    """``tune.storage``, or by default the journal file shared by every backbone's study."""
+    return cfg.tune.storage or str(cfg.path("tuning") / "optuna.journal")
+
+
+def storage_label(cfg: Config) -> str:
+    """The storage ``tune.storage`` names, as shown to the user: a database URL without its password."""
+    target = storage_target(cfg)
+    if "://" not in target:
+        return target
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    try:
+        return sqlalchemy.engine.make_url(target).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        raise ConfigError("tune.storage is not a valid database URL "
+                          "(e.g. postgresql://user:password@host:5432/db)") from None
+
+
 def open_storage(cfg: Config):
     """The storage ``tune.storage`` names: a database URL (RDBStorage with heartbeat) or a journal file.
 
@@ -136,7 +156,7 @@ def open_storage(cfg: Config):
     to safely (SQLite locks under concurrent writers). Raises PipelineError naming the storage,
     without its password, when it cannot be opened.
     """
-    target = cfg.tune.storage or str(cfg.path("tuning") / "optuna.journal")
+    target = storage_target(cfg)
     if "://" not in target:
         if not target.endswith((".journal", ".log")):
             raise ConfigError(f"tune.storage {target!r} is neither a database URL (postgresql://user:password@host:"
@@ -151,12 +171,8 @@ def open_storage(cfg: Config):
     import sqlalchemy
     import sqlalchemy.exc
 
-    try:
-        url = sqlalchemy.engine.make_url(target)
-    except sqlalchemy.exc.ArgumentError:
-        raise ConfigError("tune.storage is not a valid database URL "
-                          "(e.g. postgresql://user:password@host:5432/db)") from None
-    shown = url.render_as_string(hide_password=True)
+    shown = storage_label(cfg)
+    url = sqlalchemy.engine.make_url(target)
     if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
         # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the 'postgres' extra installs psycopg2.
         url = url.set(drivername="postgresql+psycopg2")
@@ -401,11 +417,10 @@ def write_outputs(cfg: Config, backbone: str, study: optuna.Study) -> dict:
                                          (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
                "best_value": best.value if best else None, "best_trial": best.number if best else None,
                "best_params": dict(best.params) if best else {}, "plots": plots}
+    outcome = (f"best {cfg.train.metric} {best.value:.4f} (trial {best.number}) in {folder / 'best_params.yaml'}"
+               if best else "no completed trial: best_params.yaml is empty, train uses its own values")
     print(f"[{backbone}] {summary['trials']} trials ({summary['complete']} complete, {summary['pruned']} pruned, "
-          f"{summary['fail']} failed); " + (f"best {cfg.train.metric} {best.value:.4f} at trial {best.number}: "
-                                            f"{folder / 'best_params.yaml'}" if best else
-                                            "no completed trial: best_params.yaml is empty, train uses its defaults"),
-          file=sys.stderr)
+          f"{summary['fail']} failed); {outcome}", file=sys.stderr)
     return summary
 
 
@@ -424,9 +439,11 @@ def tune_backbone(cfg: Config, backbone: str, storage, data: TrainingData, space
     journal = isinstance(storage, JournalStorage)
     if journal:
         fail_orphaned_trials(study)
-    budget = f"{cfg.tune.n_trials} trial(s)" + (f" or {cfg.tune.timeout:g}s" if cfg.tune.timeout else "")
-    print(f"[{backbone}] tuning {', '.join(space)}: {budget} more on top of {len(study.trials)}, {cfg.tune.epochs} "
-          f"epoch(s) on fold(s) {cfg.tune.folds}, {cfg.tune.pruner} pruner, worker {worker_name()}", file=sys.stderr)
+    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+    budget = f"{cfg.tune.n_trials} more trial(s)" + (f" or {cfg.tune.timeout:g}s" if cfg.tune.timeout else "")
+    print(f"[{backbone}] tuning {', '.join(space)} in study {backbone!r} of {storage_label(cfg)} ({finished} trials "
+          f"so far): {budget}, {cfg.tune.epochs} epoch(s) on fold(s) {cfg.tune.folds}, {cfg.tune.pruner} pruner, "
+          f"worker {worker_name()}", file=sys.stderr)
     study.optimize(make_objective(cfg, backbone, data, space), n_trials=cfg.tune.n_trials, timeout=cfg.tune.timeout,
                    catch=(TrialFailed,), callbacks=[progress(cfg, backbone, orphan_check=journal)],
                    gc_after_trial=True)
@@ -441,7 +458,9 @@ def main(cfg: Config, backbone: str | None = None) -> dict:
     space = search_space(cfg)
     if not cfg.tune.enabled or cfg.tune.n_trials == 0:
         return {name: write_untuned(cfg, name) for name in names}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Our line per trial replaces Optuna's INFO lines and its per-trial warnings, which repeat a failed
+    # trial's message with a traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = open_storage(cfg)
     data = load_training_data(cfg)
     missing = sorted(set(cfg.tune.folds) - set(np.unique(data.folds).tolist()))

@@ -85,7 +85,7 @@ def assert_shared(cfg, workers: int, trials: int) -> None:
 @pytest.mark.parametrize("space, message", [
     ("{weight_decy: {type: float, low: 0.001, high: 0.1}}", "no key 'weight_decy'; did you mean 'weight_decay'?"),
     ("{lrate: {type: float, low: 0.001, high: 0.1}}", "weight_decay, optimizer"),
-    ("{loss: {type: categorical, choices: [ce, nonsense]}}", "tune.space.loss"),
+    ("{loss: {type: categorical, choices: [ce, nonsense]}}", "tune.space.loss: train.loss 'nonsense' is unknown"),
     ("{optimizer: {type: categorical, choices: [adamw, adamx]}}", "'adamx' is not a valid train.optimizer"),
     ("{augment: {type: categorical, choices: [flips, nonsense]}}", "nonsense"),
     ("{drop_rate: {type: float, low: 0.0, high: 1.5}}", "1.5 is not a valid train.drop_rate"),
@@ -174,6 +174,22 @@ def test_rerun_continues_the_study_and_a_hopeless_trial_is_pruned(work):
     assert hopeless.last_step < cfg.tune.epochs - 1  # stopped before the last epoch
     assert result["pruned"] == 1 and result["best_params"]["lr"] != 1e-9
     assert "intermediate.png" in result["plots"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(raises=ValueError, strict=True,
+                   reason="train.train_fold scores a diverged model's NaN probabilities: metrics raises ValueError "
+                          "instead of a PipelineError that marks the trial failed")
+def test_diverging_trial_fails_and_the_study_goes_on(work):
+    cfg = config(work, "diverge")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 1000 is outside the space: that is the point
+        tune.open_study(cfg, BACKBONE).enqueue_trial({"lr": 1000.0})
+        result = tune.main(cfg)[BACKBONE]
+    untuned, diverged = trials_of(cfg)
+    assert untuned.state == TrialState.COMPLETE and diverged.state == TrialState.FAIL
+    assert "lr" in diverged.user_attrs["error"]  # train's message says what to lower
+    assert result["best_params"] == untuned.params
 
 
 @pytest.mark.slow

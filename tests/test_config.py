@@ -1,0 +1,77 @@
+"""Every config file loads; typos, wrong types and out-of-range values fail naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import Config, ConfigError, dump, eval_formula, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "params.yaml"]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_config_file_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_params_yaml_is_the_defaults():
+    # params.yaml is what DVC tracks; presets list only changes against these defaults.
+    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == yaml.safe_load(dump(Config()))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_list_only_what_they_change(path):
+    defaults = Config().model_dump(mode="json")
+    for section, values in yaml.safe_load(path.read_text()).items():
+        if isinstance(values, dict) and section != "space":
+            for key, value in values.items():
+                assert defaults[section][key] != value, f"{path.name}: {section}.{key} repeats the default"
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("train.lrr=0.1", "train.lrr"),
+    ("trian.lr=0.1", "trian"),
+    ("data.image_size=0", "data.image_size"),
+    ("train.lr=-1", "train.lr"),
+    ("folds.n_splits=1", "folds.n_splits"),
+    ("train.epochs=many", "train.epochs"),
+    ("data.channels=2", "data.channels"),
+    ("data.source=folder", "data.dir"),
+    ("backbones=[]", "backbones"),
+    ("data.compose=mask*", "data.compose"),
+])
+def test_bad_values_name_their_key(override, named):
+    with pytest.raises(ConfigError) as error:
+        load_config(ROOT / "params.yaml", [override])
+    assert named in str(error.value)
+
+
+def test_typo_suggests_the_close_key():
+    with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
+        load_config(None, ["train.lrr=0.1"])
+
+
+def test_overrides_are_yaml():
+    assert parse_overrides(["backbones=[a,b]", "infer.tta=[]", "data.group_col=null", "train.lr=0.001"]) == {
+        "backbones": ["a", "b"], "infer": {"tta": []}, "data": {"group_col": None}, "train": {"lr": 0.001}}
+    config = load_config(None, ["data.image_size=[48, 64]", "train.lr=0.01"])
+    assert config.data.size_hw == (48, 64) and config.train.lr == 0.01
+
+
+def test_cli_exits_with_the_key_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pipeline.folds", "--config", str(ROOT / "params.yaml"),
+                             "folds.n_splitz=3", f"paths.work_dir={tmp_path}"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "folds.n_splitz" in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_compose_formula():
+    assert eval_formula("mask*6 + gender*3 + age", {"mask": 2, "gender": 1, "age": 2}) == 17
+    with pytest.raises(ValueError):
+        eval_formula("__import__('os')", {})

@@ -1,0 +1,132 @@
+"""Training: OOF contract, resume after a kill, accumulation, reproducibility, model errors."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_config
+from pipeline import folds, prepare, train
+from pipeline.engine import StepState, train_one_epoch
+from pipeline.errors import ConfigError
+from pipeline.models import Heads, check_backbone, create_model
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The smoke competition, prepared and folded once for the module."""
+    work = tmp_path_factory.mktemp("train") / "work"
+    cfg = make_config(work, "backbones=[lcnet_050]")
+    prepare.main(cfg)
+    folds.main(cfg)
+    return work
+
+
+def config(prepared, *overrides):
+    return make_config(prepared, "backbones=[lcnet_050]", *overrides)
+
+
+@pytest.mark.slow
+def test_smoke_training_writes_oof_covering_every_id_once(prepared):
+    cfg = config(prepared)
+    report = train.main(cfg)["lcnet_050"]
+    oof = pd.read_parquet(cfg.path("oof") / "lcnet_050.parquet")
+    fold_table = pd.read_csv(cfg.path("folds"))
+    assert sorted(oof["id"]) == sorted(fold_table["id"]) and oof["id"].is_unique
+    classes = ["p000", "p033", "p067", "p100"]
+    assert list(oof.columns) == ["id", "fold", *classes]
+    np.testing.assert_allclose(oof[classes].sum(axis=1), 1.0, atol=1e-6)
+    assert dict(zip(oof["id"], oof["fold"])) == dict(zip(fold_table["id"], fold_table["fold"]))
+    assert len(report["folds"]) == 2 and 0 <= report["cv"] <= 1
+    for fold in (0, 1):
+        checkpoint = torch.load(cfg.path("models") / "lcnet_050" / f"fold{fold}" / "best.pt", weights_only=False)
+        assert checkpoint["heads"]["class_names"] == classes and checkpoint["config"]["train"]["epochs"] == 1
+    assert (cfg.path("plots") / "confusion_lcnet_050.png").stat().st_size > 0
+    assert (cfg.path("plots") / "train" / "lcnet_050" / "fold0" / "plots" / "metrics").is_dir()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def kill_after_first_epoch(epoch, score):
+    if epoch == 0:
+        raise Interrupted  # after last.pt of epoch 1 is on disk, as a SIGKILL between epochs would leave it
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_reaches_the_same_weights(prepared, tmp_path):
+    cfg = config(prepared, "train.epochs=3", "train.ema=true")
+    data = train.load_training_data(cfg)
+    whole = train.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "whole")
+    with pytest.raises(Interrupted):
+        train.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "killed", on_epoch=kill_after_first_epoch)
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["epoch"] == 0
+    resumed = train.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "killed")
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    first = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
+    second = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)
+    for name, tensor in first["model"].items():
+        torch.testing.assert_close(second["model"][name], tensor, msg=name)
+    np.testing.assert_allclose(resumed.validation_proba, whole.validation_proba)
+    # A finished fold is not trained again; a changed setting starts afresh.
+    again = train.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "killed",
+                             on_epoch=lambda *_: pytest.fail("a finished fold was trained again"))
+    assert again.best_score == resumed.best_score
+    changed = config(prepared, "train.epochs=1")
+    assert len(train.train_fold(changed, "lcnet_050", data, 0, tmp_path / "killed").history) == 1
+
+
+def test_accumulating_two_batches_of_8_equals_one_of_16():
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (16, 1, 4, 4), dtype=torch.uint8)
+    targets = torch.randint(0, 3, (16, 1))
+
+    def run(batch_size, accumulate):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))  # no batch norm
+        wrapped = torch.nn.Sequential()
+        wrapped.forward = lambda x: model(x.float() / 255)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, targets), batch_size=batch_size)
+        loss = torch.nn.CrossEntropyLoss()
+        train_one_epoch(wrapped, loader, optimizer, lambda logits, y: loss(logits, y[:, 0]), torch.device("cpu"),
+                        state=StepState(), accumulate=accumulate)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for whole, accumulated in zip(run(16, 1), run(8, 2)):
+        torch.testing.assert_close(whole, accumulated)
+
+
+def test_unknown_backbone_lists_close_names():
+    with pytest.raises(ConfigError, match="resnet18"):
+        check_backbone("resnet_18")
+
+
+def test_pretrained_weights_that_cannot_be_had_say_how_to_give_a_file(tmp_path):
+    heads = Heads(["a", "b"], [("target", ["a", "b"])])
+    with pytest.raises(ConfigError, match="pretrained_file"):
+        create_model("lcnet_050", heads, 1, [0.5], [0.2], pretrained_file=str(tmp_path / "missing.pth"))
+
+
+def test_local_pretrained_file_is_loaded(tmp_path):
+    import timm
+
+    source = timm.create_model("lcnet_050", num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    heads = Heads(["a", "b", "c"], [("target", ["a", "b", "c"])])
+    model = create_model("lcnet_050", heads, 3, [0.5] * 3, [0.2] * 3, pretrained_file=str(tmp_path / "weights.pth"))
+    torch.testing.assert_close(model.backbone.conv_stem.weight, source.conv_stem.weight)
+    assert model.backbone.get_classifier().out_features == 3  # the old classifier is dropped
+
+
+def test_composed_heads_give_a_distribution_over_the_submitted_classes():
+    heads = Heads.from_meta({"class_names": [str(i) for i in range(18)], "compose": "mask*6 + gender*3 + age",
+                             "heads": {"mask": ["0", "1", "2"], "gender": ["0", "1"], "age": ["0", "1", "2"]},
+                             "aux": {}}, [])
+    logits = torch.randn(5, 8)
+    proba = heads.probabilities(logits)
+    assert proba.shape == (5, 18)
+    torch.testing.assert_close(proba.sum(1), torch.ones(5))
+    mask, gender, age = (part.softmax(1) for part in heads.split(logits))
+    torch.testing.assert_close(proba[:, 17], mask[:, 2] * gender[:, 1] * age[:, 2])
