@@ -37,7 +37,7 @@ from pipeline.augment import build_augment
 from pipeline.config import Config
 from pipeline.data import Cache, ImageDataset, encode_labels, slug
 from pipeline.engine import StepState, autocast_dtype, predict_logits, resolve_device, seed_everything, train_one_epoch
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.folds import read_folds
 from pipeline.losses import build_loss, class_weights
 from pipeline.models import Heads, classifier_parameters, create_model, set_backbone_frozen
@@ -328,6 +328,10 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
         logits = predict_logits(evaluated, eval_loader, device, amp=amp, channels_last=cfg.train.channels_last,
                                 desc="validate")
         proba = data.heads.probabilities(logits).numpy().astype(np.float64)
+        if not np.isfinite(proba).all():
+            raise PipelineError(f"[{backbone}] fold {fold} epoch {epoch + 1}: the model's outputs became NaN or "
+                                f"infinite (the weights diverged): lower train.lr, set train.grad_clip (e.g. 1.0) "
+                                f"or train.amp=off")
         score = metrics.score(cfg.train.metric, y_true, proba)
         validation_loss = metrics.score("log_loss", y_true, proba)
         if scheduler is not None and not per_update:

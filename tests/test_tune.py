@@ -177,9 +177,6 @@ def test_rerun_continues_the_study_and_a_hopeless_trial_is_pruned(work):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(raises=ValueError, strict=True,
-                   reason="train.train_fold scores a diverged model's NaN probabilities: metrics raises ValueError "
-                          "instead of a PipelineError that marks the trial failed")
 def test_diverging_trial_fails_and_the_study_goes_on(work):
     cfg = config(work, "diverge")
     with warnings.catch_warnings():
