@@ -220,21 +220,55 @@ class Config(Section):
     paths: Paths = Field(default_factory=Paths)
     data: Data = Field(default_factory=Data)
     folds: Folds = Field(default_factory=Folds)
-    backbones: list[str] = Field(default_factory=lambda: ["lcnet_050", "mobilenetv3_small_050", "resnet10t"])
+    # Backbone name -> its own train overrides ({} for none). A plain list of names is accepted too.
+    # A mapping lets DVC track each backbone's parameters apart (`backbones.<name>`), so changing
+    # one re-runs that backbone's stages only.
+    backbones: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"lcnet_050": {}, "mobilenetv3_small_050": {}, "resnet10t": {}})
     train: Train = Field(default_factory=Train)
     tune: Tune = Field(default_factory=Tune)
     infer: Infer = Field(default_factory=Infer)
     ensemble: Ensemble = Field(default_factory=Ensemble)
     submit: Submit = Field(default_factory=Submit)
 
-    @field_validator("backbones")
+    @field_validator("backbones", mode="before")
     @classmethod
-    def _some_backbones(cls, value):
+    def _backbone_mapping(cls, value):
+        if isinstance(value, list):
+            names = [str(v) for v in value]
+            if len(set(names)) != len(names):
+                raise ValueError("a backbone is listed twice")
+            value = {name: {} for name in names}
         if not value:
             raise ValueError("list at least one timm backbone")
-        if len(set(value)) != len(value):
-            raise ValueError("a backbone is listed twice")
+        if isinstance(value, dict):
+            value = {name: overrides or {} for name, overrides in value.items()}
         return value
+
+    @model_validator(mode="after")
+    def _backbone_overrides_are_train_keys(self):
+        for name, overrides in self.backbones.items():
+            unknown = [key for key in overrides if key not in Train.model_fields]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], list(Train.model_fields), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"backbones.{name} sets unknown train key(s) {unknown}{hint} "
+                                 f"(valid: {', '.join(Train.model_fields)})")
+            try:
+                Train.model_validate({**self.train.model_dump(), **overrides})
+            except ValidationError as error:
+                first = error.errors()[0]
+                raise ValueError(f"backbones.{name}.{first['loc'][0]}: {first['msg']}") from None
+        return self
+
+    def for_backbone(self, name: str) -> Config:
+        """This config with ``backbones.<name>``'s train overrides applied."""
+        overrides = self.backbones.get(name) or {}
+        if not overrides:
+            return self
+        data = self.model_dump()
+        data["train"].update(overrides)
+        return Config.model_validate(data)
 
     def path(self, name: str) -> Path:
         """An output path from the ``paths`` section, resolved under the work directory."""

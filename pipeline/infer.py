@@ -109,6 +109,7 @@ def load_fold_model(path, class_names: list[str], device) -> tuple[ProbabilityMo
 
 
 def infer_backbone(cfg: Config, backbone: str) -> dict:
+    cfg = cfg.for_backbone(backbone)
     device = resolve_device(cfg.train.device)
     amp = autocast_dtype(cfg.train.amp, device)
     cache = Cache.open(cfg)
@@ -162,7 +163,7 @@ def infer_backbone(cfg: Config, backbone: str) -> dict:
 
 def main(cfg: Config, backbone: str | None = None) -> dict:
     if backbone and backbone not in cfg.backbones:
-        raise ConfigError(f"--backbone {backbone} is not in backbones {cfg.backbones}")
+        raise ConfigError(f"--backbone {backbone} is not in backbones {list(cfg.backbones)}")
     tta_transforms(cfg.infer.tta, cfg.data.size_hw)  # a typo fails before any model is loaded
     return {name: infer_backbone(cfg, name) for name in ([backbone] if backbone else cfg.backbones)}
 

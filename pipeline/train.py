@@ -79,7 +79,9 @@ def load_training_data(cfg: Config) -> TrainingData:
 
 
 def tuned_config(cfg: Config, backbone: str) -> Config:
-    """The config with this backbone's tuned parameters applied, when tuning found some and use_tuned is on."""
+    """The config with this backbone's own overrides (``backbones.<name>``), then its tuned parameters
+    when tuning found some and use_tuned is on."""
+    cfg = cfg.for_backbone(backbone)
     path = cfg.path("tuning") / slug(backbone) / "best_params.yaml"
     if not cfg.train.use_tuned or not path.exists():
         return cfg
@@ -481,7 +483,7 @@ def check_choices(cfg: Config) -> None:
 def main(cfg: Config, backbone: str | None = None) -> dict:
     names = [backbone] if backbone else cfg.backbones
     if backbone and backbone not in cfg.backbones:
-        raise ConfigError(f"--backbone {backbone} is not in backbones {cfg.backbones}")
+        raise ConfigError(f"--backbone {backbone} is not in backbones {list(cfg.backbones)}")
     check_choices(cfg)
     return {name: train_backbone(cfg, name) for name in names}
 

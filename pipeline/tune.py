@@ -435,6 +435,7 @@ def write_untuned(cfg: Config, backbone: str) -> dict:
 # ---------------------------------------------------------------- one backbone, then all
 
 def tune_backbone(cfg: Config, backbone: str, storage, data: TrainingData, space: dict) -> dict:
+    cfg = cfg.for_backbone(backbone)  # the search starts from this backbone's own overrides
     study = open_study(cfg, backbone, storage)
     journal = isinstance(storage, JournalStorage)
     if journal:
@@ -453,7 +454,7 @@ def tune_backbone(cfg: Config, backbone: str, storage, data: TrainingData, space
 def main(cfg: Config, backbone: str | None = None) -> dict:
     names = [backbone] if backbone else cfg.backbones
     if backbone and backbone not in cfg.backbones:
-        raise ConfigError(f"--backbone {backbone} is not in backbones {cfg.backbones}")
+        raise ConfigError(f"--backbone {backbone} is not in backbones {list(cfg.backbones)}")
     check_choices(cfg)
     space = search_space(cfg)
     if not cfg.tune.enabled or cfg.tune.n_trials == 0:

@@ -75,3 +75,16 @@ def test_compose_formula():
     assert eval_formula("mask*6 + gender*3 + age", {"mask": 2, "gender": 1, "age": 2}) == 17
     with pytest.raises(ValueError):
         eval_formula("__import__('os')", {})
+
+
+def test_backbones_list_or_mapping_with_own_train_overrides():
+    as_list = load_config(None, ["backbones=[lcnet_050,resnet10t]"])
+    assert as_list.backbones == {"lcnet_050": {}, "resnet10t": {}}
+    config = load_config(None, ["backbones={lcnet_050: {lr: 0.01, epochs: 3}, resnet10t: {}}"])
+    own = config.for_backbone("lcnet_050")
+    assert (own.train.lr, own.train.epochs) == (0.01, 3)
+    assert config.for_backbone("resnet10t").train.lr == config.train.lr
+    with pytest.raises(ConfigError, match="backbones.lcnet_050 sets unknown train key"):
+        load_config(None, ["backbones={lcnet_050: {lrr: 0.01}}"])
+    with pytest.raises(ConfigError, match="backbones.lcnet_050.lr"):
+        load_config(None, ["backbones={lcnet_050: {lr: -1}}"])
