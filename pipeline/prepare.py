@@ -48,31 +48,40 @@ def fingerprint(cfg: Config, competition: Competition) -> str:
 
 
 def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, desc: str):
-    """Decode ``paths`` into a memory-mapped N x H x W x C file; returns (per-image failures, sum, sum of squares)."""
-    images = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8,
-                                       shape=(len(paths), size_hw[0], size_hw[1], channels))
+    """Decode ``paths`` into an N x H x W x C uint8 ``.npy`` file; returns (per-image failures, sum, sum of squares).
+
+    Images are appended to the file in order through a plain file handle, not a writable
+    memory map: written pages go to the page cache instead of this process's resident
+    memory, so the peak memory stays flat however many images there are.
+    """
+    shape = (len(paths), size_hw[0], size_hw[1], channels)
+    header = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=shape)
+    offset = header.offset
+    del header
+    blank = np.zeros(shape[1:], dtype=np.uint8)
     failures: list[tuple[str, str]] = []
     total = np.zeros(channels, dtype=np.float64)
     squares = np.zeros(channels, dtype=np.float64)
     tasks = [(str(p), size_hw, channels) for p in paths]
-    pool = get_context("spawn").Pool(workers) if workers > 1 else None
+    # A spawned worker re-imports the package (about a second each): worth it only for many images.
+    pool = get_context("spawn").Pool(workers) if workers > 1 and len(tasks) >= 1000 else None
     results = pool.imap(try_load_image, tasks, chunksize=32) if pool else map(try_load_image, tasks)
     try:
-        for index, (array, problem) in enumerate(tqdm(results, total=len(tasks), desc=desc, unit="img",
-                                                      file=sys.stderr, mininterval=1.0)):
-            if problem:
-                failures.append((tasks[index][0], problem))
-                continue
-            images[index] = array
-            pixels = array.reshape(-1, channels).astype(np.float64)
-            total += pixels.sum(axis=0)
-            squares += (pixels ** 2).sum(axis=0)
+        with open(out_path, "r+b") as handle:
+            handle.seek(offset)
+            for index, (array, problem) in enumerate(tqdm(results, total=len(tasks), desc=desc, unit="img",
+                                                          file=sys.stderr, mininterval=1.0)):
+                if problem:
+                    failures.append((tasks[index][0], problem))
+                    array = blank
+                handle.write(array.tobytes())
+                pixels = array.reshape(-1, channels).astype(np.float64)
+                total += pixels.sum(axis=0)
+                squares += (pixels ** 2).sum(axis=0)
     finally:
         if pool:
             pool.close()
             pool.join()
-    images.flush()
-    del images
     return failures, total, squares
 
 
