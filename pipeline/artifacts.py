@@ -2,15 +2,21 @@
 
 Every writer goes through ``atomic_path``: the data goes to a temporary name in the same
 folder and is renamed over the target only when complete, so a killed stage leaves the
-previous file or none, never half a file.
+previous file or none, never half a file. A write that fails (a full disk, a read-only
+folder) raises a ``DataError`` naming the file and what to do, and leaves the previous file
+as it was; what a killed writer left behind is removed by the next writer of that path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -20,22 +26,98 @@ import pandas as pd
 from pipeline.errors import DataError
 
 
+# A write that fails says why and what to do; errno groups the causes a user can act on.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+_NOT_A_FOLDER = {errno.ENOTDIR, errno.EEXIST}
+
+
+def _advice(error: OSError) -> tuple[str, str]:
+    """(the likely cause, what to do) for a failed write."""
+    if error.errno in _NO_ROOM:
+        return ("disk full, or a quota or file-size limit reached",
+                "free space or set paths.work_dir to a disk with room")
+    if error.errno in _NOT_WRITABLE:
+        return "the folder is read-only or not yours", "make it writable or set paths.work_dir to a writable folder"
+    if error.errno in _NOT_A_FOLDER:
+        return "a file stands where a folder should be", "move it or set paths.work_dir elsewhere"
+    return "", "check that paths.work_dir is a writable folder with free space"
+
+
+def _reason(error: OSError, target: Path) -> str:
+    reason = error.strerror or str(error)
+    cause, _ = _advice(error)
+    if error.filename and str(error.filename) != str(target) and error.errno not in _NO_ROOM:
+        reason = f"{reason} ({error.filename})"
+    return f"{reason} ({cause})" if cause else reason
+
+
+def _folder_error(folder: Path, error: OSError) -> DataError:
+    return DataError(f"cannot create folder {folder}: {_reason(error, folder)}; {_advice(error)[1]}")
+
+
+def _write_error(path: Path, error: OSError) -> DataError:
+    kept = f"The previous {path.name} is untouched" if path.exists() else "Nothing was written"
+    return DataError(f"cannot write {path}: {_reason(error, path)}. {kept}; {_advice(error)[1]}.")
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _folder_error(folder, error) from None
+
+
+def _temporary_prefix(path: Path) -> str:
+    # The writer's pid and host in the name let a later run tell a dead writer's leftover from a live one's.
+    return f".{path.name}.{os.getpid()}@{socket.gethostname()}."
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete what writers of ``path`` on this host that no longer run (a killed stage) left behind."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@{re.escape(socket.gethostname())}\..*\.tmp")
+    with contextlib.suppress(OSError):
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            match = pattern.fullmatch(leftover.name)
+            if match and not _alive(int(match.group(1))):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    An OSError (a full disk, a read-only folder) while creating, writing or renaming becomes a
+    ``DataError`` naming ``path`` and what to do; the temporary file is removed and a previous
+    ``path`` is left as it was.
+    """
     path = Path(path)
+    _make_folder(path.parent)
+    _remove_stale_temporaries(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide outputs from other users of a shared box
     except OSError as error:
-        raise DataError(f"cannot create folder {path.parent}: {error.strerror}") from None
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide outputs from other users of a shared box
+        raise _write_error(path, error) from None
     try:
         yield Path(temporary)
         os.replace(temporary, path)
     except OSError as error:
-        raise DataError(f"cannot write {path}: {error.strerror}") from None
+        raise _write_error(path, error) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
@@ -43,21 +125,36 @@ def atomic_path(path: str | Path):
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
-    """Yield a temporary folder beside ``path``; swap it in for ``path`` on success."""
+    """Yield a temporary folder beside ``path``; swap it in for ``path`` on success.
+
+    A failed or killed block leaves the previous ``path`` (or none); an OSError becomes a
+    ``DataError`` as in ``atomic_path``. A run killed between the two renames of the swap
+    leaves the previous folder as ``.<name>.old``, which the next call puts back.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(temporary, 0o755)
+    _make_folder(path.parent)
+    _remove_stale_temporaries(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.replace(old, path)
+    try:
+        temporary = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
+        os.chmod(temporary, 0o755)
+    except OSError as error:
+        raise _write_error(path, error) from None
     try:
         yield temporary
-        old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(temporary, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
+        raise _write_error(path, error) from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
@@ -100,27 +197,28 @@ def save_figure(path: str | Path, figure) -> None:
     plt.close(figure)
 
 
-def read_json(path: str | Path, what: str = "file"):
+def read_json(path: str | Path, what: str = "file", stage: str = "the stage that writes it"):
+    """A JSON artifact, with an error naming the file and ``stage`` (the stage to run) when it is missing or damaged."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{what} {path} does not exist: run the stage that writes it first")
+        raise DataError(f"{what} {path} does not exist: run {stage} first")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{what} {path} is not valid JSON ({error}); delete it and re-run its stage") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{what} {path} is not valid JSON ({error}); delete it and re-run {stage}") from None
 
 
-def read_table(path: str | Path, what: str = "table") -> pd.DataFrame:
-    """Read a CSV or Parquet artifact with an error naming the file and the stage to run."""
+def read_table(path: str | Path, what: str = "table", stage: str = "the stage that writes it") -> pd.DataFrame:
+    """Read a CSV or Parquet artifact with an error naming the file and ``stage`` (the stage to run)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{what} {path} does not exist: run the stage that writes it first")
+        raise DataError(f"{what} {path} does not exist: run {stage} first")
     try:
         if path.suffix == ".parquet":
             return pd.read_parquet(path)
         return pd.read_csv(path)
     except Exception as error:  # pyarrow and pandas raise many types for a damaged file
-        raise DataError(f"{what} {path} cannot be read ({error}); delete it and re-run its stage") from None
+        raise DataError(f"{what} {path} cannot be read ({error}); delete it and re-run {stage}") from None
 
 
 def read_text_csv(path: str | Path, what: str, stage: str = "the stage that writes it") -> pd.DataFrame:

@@ -64,7 +64,7 @@ class Data(Section):
     head_cols: list[str] = Field(default_factory=list)
     compose: str | None = None
     aux_cols: list[str] = Field(default_factory=list)
-    image_size: int | list[int] = 64
+    image_size: int | list[int] = 96
     channels: Literal[1, 3] = 1
     max_train: int | None = Field(default=None, gt=0)
     elpv_size: int | None = Field(default=None, gt=0)
@@ -110,7 +110,7 @@ class Folds(Section):
 class Train(Section):
     """One backbone's k-fold training."""
 
-    epochs: int = Field(default=12, ge=1)
+    epochs: int = Field(default=7, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
@@ -135,7 +135,7 @@ class Train(Section):
     focal_gamma: float = Field(default=2.0, ge=0)
     focal_alpha: float | list[float] | None = None
     class_weights: bool = False
-    oversample: bool = False
+    oversample: bool = True
     aux_weight: float = Field(default=0.3, ge=0)
     accumulate: int = Field(default=1, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
@@ -190,7 +190,7 @@ class Tune(Section):
     pruner: Literal["median", "hyperband", "wilcoxon", "none"] = "median"
     storage: str | None = None
     seed: int = 0
-    max_train: int | None = Field(default=None, gt=0)
+    max_train: int | None = Field(default=600, gt=0)
     space: dict[str, TuneParam] = Field(default_factory=_default_space)
     heartbeat: int = Field(default=60, ge=1)
 
@@ -224,7 +224,7 @@ class Config(Section):
     # A mapping lets DVC track each backbone's parameters apart (`backbones.<name>`), so changing
     # one re-runs that backbone's stages only.
     backbones: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"lcnet_050": {}, "mobilenetv3_small_050": {}, "resnet10t": {}})
+        default_factory=lambda: {"lcnet_050": {}, "mobilenetv3_small_050": {}})
     train: Train = Field(default_factory=Train)
     tune: Tune = Field(default_factory=Tune)
     infer: Infer = Field(default_factory=Infer)

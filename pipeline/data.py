@@ -431,7 +431,7 @@ class Cache:
         from pipeline.artifacts import read_json
 
         folder = cfg.path("cache")
-        meta = read_json(folder / "meta.json", "image cache index")
+        meta = read_json(folder / "meta.json", "image cache index", "prepare")
         if tuple(meta["size_hw"]) != cfg.data.size_hw or meta["channels"] != cfg.data.channels:
             raise DataError(f"the image cache {folder} holds {meta['size_hw']} x {meta['channels']}ch images but "
                             f"the config asks for {list(cfg.data.size_hw)} x {cfg.data.channels}ch: run prepare")
@@ -447,7 +447,7 @@ class Cache:
     def table(self, split: str) -> pd.DataFrame:
         from pipeline.artifacts import read_table
 
-        return read_table(self.folder / f"{split}.parquet", "image cache index")
+        return read_table(self.folder / f"{split}.parquet", "image cache index", "prepare")
 
     @property
     def class_names(self) -> list[str]:

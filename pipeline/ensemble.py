@@ -86,11 +86,13 @@ def read_probabilities(path: Path, what: str, class_names: list[str], reference:
     return frame[keys + class_names]
 
 
-def check_same_ids(ids, reference_ids, path: Path, reference: Path) -> None:
+def check_same_ids(ids, reference_ids, path: Path, reference: Path, fix: str = "") -> None:
+    """Raise a DataError naming both files and the ids only one of them holds; ``fix`` says what to re-run."""
     ids, reference_ids = set(ids), set(reference_ids)
     if ids != reference_ids:
-        raise DataError(f"{path} and {reference} hold different ids: {describe_ids(sorted(ids - reference_ids))} "
-                        f"only in {path.name}, {describe_ids(sorted(reference_ids - ids))} only in {reference.name}")
+        only = [f"{describe_ids(sorted(extra))} only in {where.name}"
+                for extra, where in ((ids - reference_ids, path), (reference_ids - ids, reference)) if extra]
+        raise DataError(f"{path} and {reference} hold different ids: {', '.join(only)}" + (f"; {fix}" if fix else ""))
 
 
 def oof_path(cfg: Config, backbone: str) -> tuple[Path, str]:
@@ -134,10 +136,12 @@ def load_members(cfg: Config, cache: Cache) -> Members:
         test = read_probabilities(test_path, f"test predictions of {backbone} (run infer)", class_names,
                                   reference_test, with_fold=False)
         if oof_frames:
-            check_same_ids(oof["id"], oof_frames[0]["id"], path, reference_oof)
-            check_same_ids(test["id"], test_frames[0]["id"], test_path, reference_test)
+            fix = "re-run train and infer for every backbone on the same folds"
+            check_same_ids(oof["id"], oof_frames[0]["id"], path, reference_oof, fix)
+            check_same_ids(test["id"], test_frames[0]["id"], test_path, reference_test, fix)
         else:
-            check_same_ids(test["id"], sample_ids, test_path, sample_path)
+            check_same_ids(test["id"], sample_ids, test_path, sample_path,
+                           "re-run infer (it predates the current image cache)")
         unknown = sorted(set(oof["id"]) - set(folds["id"]))
         if unknown:
             raise DataError(f"{path} holds {describe_ids(unknown)} that are not in {cfg.path('folds')}: "

@@ -29,8 +29,8 @@ def assign_folds(labels, n_splits: int, seed: int, groups=None) -> np.ndarray:
     labels = np.asarray(labels)
     counts = pd.Series(labels).value_counts()
     if counts.min() < n_splits:
-        small = counts[counts < n_splits]
-        raise DataError(f"folds.n_splits={n_splits} but class(es) {dict(small)} have fewer images than folds: "
+        small = {str(name): int(count) for name, count in counts[counts < n_splits].items()}
+        raise DataError(f"folds.n_splits={n_splits} but class(es) {small} have fewer images than folds: "
                         f"lower folds.n_splits to at most {counts.min()} or add images")
     folds = np.full(len(labels), -1, dtype=int)
     if groups is None:
@@ -39,7 +39,8 @@ def assign_folds(labels, n_splits: int, seed: int, groups=None) -> np.ndarray:
     else:
         groups = np.asarray(groups)
         if len(np.unique(groups)) < n_splits:
-            raise DataError(f"folds.n_splits={n_splits} but there are only {len(np.unique(groups))} groups")
+            raise DataError(f"folds.n_splits={n_splits} but there are only {len(np.unique(groups))} groups: "
+                            f"lower folds.n_splits to at most {len(np.unique(groups))} or check data.group_col")
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         splits = splitter.split(np.zeros(len(labels)), labels, groups)
     for fold, (_, validation) in enumerate(splits):
@@ -69,7 +70,7 @@ def read_folds(cfg: Config) -> pd.DataFrame:
 
 
 def main(cfg: Config) -> dict:
-    train = read_table(cfg.path("cache") / "train.parquet", "image cache index")
+    train = read_table(cfg.path("cache") / "train.parquet", "image cache index", "prepare")
     groups = train["group"].to_numpy() if "group" in train.columns else None
     folds = assign_folds(train["target"], cfg.folds.n_splits, cfg.folds.seed, groups)
     frame = pd.DataFrame({"id": train["id"], "label": train["target"],

@@ -217,13 +217,13 @@ def upload(cfg: Config, path: Path) -> None:
 def read_ensemble_test(cfg: Config, cache: Cache, sample_ids: list[str], sample_path: Path) -> np.ndarray:
     """The ensemble's test probabilities, aligned by id to the sample submission's rows -> N x C."""
     path = cfg.path("ensemble") / "test.parquet"
-    test = read_table(path, "ensemble test predictions")
+    test = read_table(path, "ensemble test predictions", "the ensemble stage")
     test["id"] = test["id"].astype(str)
     columns = [str(c) for c in test.columns if c != "id"]
     if sorted(columns) != sorted(cache.class_names):
         raise DataError(f"{path} has class columns {columns} but {cache.folder / 'meta.json'} has "
                         f"{cache.class_names}: re-run ensemble")
-    check_same_ids(test["id"], sample_ids, path, sample_path)
+    check_same_ids(test["id"], sample_ids, path, sample_path, "re-run ensemble (it predates the current image cache)")
     return test.set_index("id").loc[sample_ids, list(cache.class_names)].to_numpy(dtype=float)
 
 
@@ -236,8 +236,8 @@ def main(cfg: Config) -> dict:
     sample_path = cache.folder / "sample_submission.csv"
     sample = read_text_csv(sample_path, "sample submission", "prepare")
     value_columns(sample, class_names, kind, target_col)
-    ensemble_scores = read_json(cfg.path("ensemble") / "scores.json", "ensemble scores")
-    members = read_json(cfg.path("ensemble") / "weights.json", "ensemble weights")["members"]
+    ensemble_scores = read_json(cfg.path("ensemble") / "scores.json", "ensemble scores", "the ensemble stage")
+    members = read_json(cfg.path("ensemble") / "weights.json", "ensemble weights", "the ensemble stage")["members"]
     if ensemble_scores["metric"] != metric:
         raise DataError(f"the ensemble was scored with {ensemble_scores['metric']} but train.metric is {metric}: "
                         f"re-run ensemble")

@@ -17,6 +17,7 @@ gives the same OOF on the CPU, resumed or not.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from pydantic import ValidationError
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from pipeline import cli, metrics
@@ -85,13 +87,24 @@ def tuned_config(cfg: Config, backbone: str) -> Config:
     path = cfg.path("tuning") / slug(backbone) / "best_params.yaml"
     if not cfg.train.use_tuned or not path.exists():
         return cfg
-    params = yaml.safe_load(path.read_text()) or {}
+    fix = "delete it and re-run tune, or set train.use_tuned=false"
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML ({error}); {fix}") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} must map train keys to values; {fix}")
     data = cfg.model_dump()
     unknown = [k for k in params if k not in data["train"]]
     if unknown:
-        raise ConfigError(f"{path} names unknown train key(s) {unknown}")
+        raise ConfigError(f"{path} names unknown train key(s) {unknown}; {fix}")
     data["train"].update(params)
-    return Config.model_validate(data)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                             for e in error.errors())
+        raise ConfigError(f"{path} sets invalid values: {problems}; {fix}") from None
 
 
 def settings_key(cfg: Config, backbone: str, data: TrainingData, fold: int) -> str:
@@ -100,7 +113,9 @@ def settings_key(cfg: Config, backbone: str, data: TrainingData, fold: int) -> s
                 "data": [list(cfg.data.size_hw), cfg.data.channels, cfg.data.aux_cols],
                 "heads": data.heads.to_dict()}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
-    digest.update(data.ids.tobytes())
+    # The ids as text: an object array's bytes are pointers, different in every process, which
+    # made every new process see "changed settings" and never resume or skip a finished fold.
+    digest.update("\0".join(map(str, data.ids)).encode())
     digest.update(data.folds.tobytes())
     digest.update(data.targets.tobytes())
     return digest.hexdigest()[:16]
@@ -223,7 +238,11 @@ class FoldResult:
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
     with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
+        try:
+            torch.save(payload, temporary)
+        except RuntimeError as error:  # torch reports a failed write as a RuntimeError, without errno
+            full = shutil.disk_usage(path.parent).free < 16 * 2**20
+            raise OSError(errno.ENOSPC if full else None, f"torch.save failed ({str(error)[:120]})") from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -472,12 +491,19 @@ def check_choices(cfg: Config) -> None:
     from pipeline.losses import LOSSES
     from pipeline.models import check_backbone
 
-    for key, value, valid in (("train.metric", cfg.train.metric, metrics.METRICS), ("train.loss", cfg.train.loss, LOSSES),
-                              ("train.augment", cfg.train.augment, PRESETS)):
-        if value not in valid:
-            raise ConfigError(f"{key} {value!r} is unknown; valid: {', '.join(valid)}")
+    problems = [f"{key} {value!r} is unknown; valid: {', '.join(valid)}"
+                for key, value, valid in (("train.metric", cfg.train.metric, metrics.METRICS),
+                                          ("train.loss", cfg.train.loss, LOSSES),
+                                          ("train.augment", cfg.train.augment, PRESETS))
+                if value not in valid]
     for name in cfg.backbones:
-        check_backbone(name)
+        try:
+            check_backbone(name)
+        except ConfigError as error:
+            problems.append(str(error))
+    if problems:  # all of them at once, not one per run
+        raise ConfigError(problems[0] if len(problems) == 1 else
+                          f"{len(problems)} unknown names in the config:\n  " + "\n  ".join(problems))
 
 
 def main(cfg: Config, backbone: str | None = None) -> dict:
