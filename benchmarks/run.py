@@ -238,7 +238,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         print("prepare scaling ...", file=sys.stderr)
         # Both sizes above prepare's threshold for worker processes, so the two runs differ in N only.
-        results["prepare"] = prepare_scaling(1000 if args.quick else 2000, Path(scratch))
+        results["prepare"] = prepare_scaling(1200 if args.quick else 2000, Path(scratch))
         print("no-op re-runs ...", file=sys.stderr)
         results["no_op"] = no_op_reruns(Path(scratch))
     (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
