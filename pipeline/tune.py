@@ -27,6 +27,7 @@ import importlib.util
 import os
 import socket
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -188,9 +189,17 @@ def open_storage(cfg: Config):
             # A dead worker's trial stops sending heartbeats; after 2 x heartbeat seconds the next
             # worker to start a trial marks it failed. Plain fail, not a retry: a trial that killed
             # its worker (out of memory at a large batch size) would kill the next one too.
-            return optuna.storages.RDBStorage(url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs,
-                                              heartbeat_interval=cfg.tune.heartbeat,
-                                              heartbeat_stale_trial_callback=_report_stale)
+            for attempt in range(4):
+                try:
+                    return optuna.storages.RDBStorage(
+                        url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs,
+                        heartbeat_interval=cfg.tune.heartbeat, heartbeat_stale_trial_callback=_report_stale)
+                except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+                    # Workers started together race to create Optuna's tables on an empty database;
+                    # the loser sees a duplicate-key error. By the next try the tables exist.
+                    if attempt == 3 or not any(word in str(error) for word in ("duplicate key", "already exists")):
+                        raise
+                    time.sleep(1.0 + attempt)
     except ImportError:
         raise ConfigError(f"tune.storage {shown} needs a database driver: pip install psycopg2-binary "
                           f"(the project's 'postgres' extra) for PostgreSQL") from None
