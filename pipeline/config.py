@@ -136,6 +136,7 @@ class Train(Section):
     focal_alpha: float | list[float] | None = None
     class_weights: bool = False
     oversample: bool = True
+    balance_power: float = Field(default=1.0, ge=0, le=1)
     aux_weight: float = Field(default=0.3, ge=0)
     accumulate: int = Field(default=1, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)

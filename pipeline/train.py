@@ -135,8 +135,10 @@ def loader_settings(cfg: Config, device: torch.device) -> dict:
 def make_loss(cfg: Config, heads: Heads, targets: np.ndarray):
     """One loss per head (the configured loss for submitted heads, cross-entropy for aux heads)."""
     losses = []
-    for index, (name, class_names) in enumerate(heads.heads + heads.aux):
-        weight = class_weights(targets[:, index], len(class_names)) if cfg.train.class_weights else None
+    for index, (_name, class_names) in enumerate(heads.heads + heads.aux):
+        weight = None
+        if cfg.train.class_weights:
+            weight = class_weights(targets[:, index], len(class_names), cfg.train.balance_power)
         is_aux = index >= len(heads.heads)
         # timm's Mixup already smooths the soft targets it makes; smoothing them again would double it.
         smoothing = 0.0 if (cfg.train.mixup or cfg.train.cutmix) else cfg.train.label_smoothing
@@ -208,9 +210,10 @@ def make_train_loader(cfg: Config, data: TrainingData, indices: np.ndarray, devi
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if cfg.train.oversample:
-        # Oversampling draws each class equally often: weight = 1 / its frequency in this fold.
+        # A sample's weight is its class's frequency in this fold ** -balance_power: 1 draws every
+        # class equally often, 0.5 (square root) halfway between that and the natural frequencies.
         counts = np.bincount(data.labels[indices], minlength=len(data.heads.class_names))
-        weights = 1.0 / counts[data.labels[indices]]
+        weights = counts[data.labels[indices]].astype(np.float64) ** -cfg.train.balance_power
         sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(indices),
                                         replacement=True, generator=generator)
     drop_last = len(indices) > cfg.train.batch_size  # a lone 1-image batch breaks batch norm

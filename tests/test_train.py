@@ -45,6 +45,24 @@ def test_smoke_training_writes_oof_covering_every_id_once(prepared):
     assert (cfg.path("plots") / "train" / "lcnet_050" / "fold0" / "plots" / "metrics").is_dir()
 
 
+@pytest.mark.parametrize(("overrides", "power"), [(["train.oversample=true"], 1.0),
+                                                  (["train.oversample=true", "train.balance_power=0.5"], 0.5),
+                                                  (["train.oversample=false"], 0.0)])
+def test_sampler_draws_classes_in_proportion_to_count_to_the_one_minus_power(prepared, overrides, power):
+    cfg = config(prepared, "train.batch_size=8", *overrides)
+    data = train.load_training_data(cfg)
+    indices = np.arange(len(data.ids))
+    counts = np.bincount(data.labels, minlength=4).astype(float)
+    expected = counts ** (1 - power) / (counts ** (1 - power)).sum()  # class c drawn ~ n_c * n_c^-power
+    drawn = np.zeros(4)
+    for epoch_seed in range(200):
+        loader = train.make_train_loader(cfg, data, indices, torch.device("cpu"), seed=epoch_seed)
+        labels = data.labels[np.asarray(list(iter(loader.sampler)) if loader.sampler is not None else indices)]
+        drawn += np.bincount(labels, minlength=4)
+    assert counts.max() > 2 * counts.min()  # imbalanced enough for the three powers to differ
+    np.testing.assert_allclose(drawn / drawn.sum(), expected, atol=0.02)
+
+
 class Interrupted(Exception):
     pass
 
