@@ -110,7 +110,7 @@ class Folds(Section):
 class Train(Section):
     """One backbone's k-fold training."""
 
-    epochs: int = Field(default=7, ge=1)
+    epochs: int = Field(default=15, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
@@ -136,7 +136,7 @@ class Train(Section):
     focal_alpha: float | list[float] | None = None
     class_weights: bool = False
     oversample: bool = True
-    balance_power: float = Field(default=1.0, ge=0, le=1)
+    balance_power: float = Field(default=0.5, ge=0, le=1)
     aux_weight: float = Field(default=0.3, ge=0)
     accumulate: int = Field(default=1, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
@@ -225,7 +225,7 @@ class Config(Section):
     # A mapping lets DVC track each backbone's parameters apart (`backbones.<name>`), so changing
     # one re-runs that backbone's stages only.
     backbones: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"lcnet_050": {}, "mobilenetv3_small_050": {}})
+        default_factory=lambda: {"lcnet_050": {"lr": 0.006}, "mobilenetv3_small_050": {}})
     train: Train = Field(default_factory=Train)
     tune: Tune = Field(default_factory=Tune)
     infer: Infer = Field(default_factory=Infer)
