@@ -175,10 +175,10 @@ class TuneParam(Section):
 
 def _default_space() -> dict[str, TuneParam]:
     return {
-        "lr": TuneParam(type="float", low=3e-4, high=1e-2, log=True),
-        "weight_decay": TuneParam(type="float", low=1e-4, high=0.1, log=True),
-        "label_smoothing": TuneParam(type="float", low=0.0, high=0.15),
-        "drop_rate": TuneParam(type="float", low=0.0, high=0.4),
+        "lr": TuneParam(type="float", low=2e-3, high=1.2e-2, log=True),
+        "weight_decay": TuneParam(type="float", low=1e-3, high=0.1, log=True),
+        "label_smoothing": TuneParam(type="float", low=0.0, high=0.1),
+        "drop_rate": TuneParam(type="float", low=0.0, high=0.3),
     }
 
 
@@ -186,12 +186,13 @@ class Tune(Section):
     enabled: bool = True
     n_trials: int = Field(default=4, ge=0)
     timeout: float | None = Field(default=None, gt=0)
-    epochs: int = Field(default=3, ge=1)
+    epochs: int = Field(default=4, ge=1)
     folds: list[int] = Field(default_factory=lambda: [0])
     pruner: Literal["median", "hyperband", "wilcoxon", "none"] = "median"
     storage: str | None = None
     seed: int = 0
-    max_train: int | None = Field(default=600, gt=0)
+    max_train: int | None = Field(default=None, gt=0)
+    min_gain: float = Field(default=0.02, ge=0)
     space: dict[str, TuneParam] = Field(default_factory=_default_space)
     heartbeat: int = Field(default=60, ge=1)
 

@@ -11,7 +11,10 @@ A trial is the config with the trial's ``tune.space`` values, trained by train's
 ``cross_validate`` on ``tune.folds`` for ``tune.epochs`` epochs; its value is the mean of the
 folds' best ``train.metric``. It reports every epoch (one fold) or every fold (several: what
 the Wilcoxon pruner is made for), so ``tune.pruner`` stops hopeless trials early. A new
-study's first trial is the untuned config, so the best trial is never worse than it.
+study's first trial is the untuned config, and best_params.yaml keeps the untuned values unless
+the best trial beats that trial by at least ``tune.min_gain``: with a few short trials on one
+fold, the maximum of several noisy scores beats the baseline by chance (the winner's curse), and
+a lucky short run is no evidence that the full-length training will gain.
 
 The study lives in the storage: a re-run adds ``tune.n_trials`` trials (or runs until
 ``tune.timeout``), and any number of workers started at once join the same study. The default
@@ -409,6 +412,28 @@ def save_plots(folder: Path, study: optuna.Study, backbone: str) -> list[str]:
     return saved
 
 
+def chosen_trial(cfg: Config, study: optuna.Study) -> tuple[FrozenTrial | None, str]:
+    """The trial whose values go into best_params.yaml, and why.
+
+    The best trial, unless the study's untuned-config trial is complete and the best beats it by
+    less than ``tune.min_gain`` (in the metric's own direction): then the untuned trial.
+    """
+    try:
+        best = study.best_trial
+    except ValueError:  # every trial pruned or failed
+        return None, "no completed trial"
+    untuned = [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if trial.user_attrs.get("origin") == "untuned config"]
+    if not untuned or best.number == untuned[0].number:
+        return best, "best"
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    gain = sign * (best.value - untuned[0].value)
+    if gain < cfg.tune.min_gain:
+        return untuned[0], (f"untuned config kept: the best, trial {best.number} ({best.value:.4f}), gains only "
+                            f"{gain:+.4f} < tune.min_gain {cfg.tune.min_gain}")
+    return best, f"best (gains {gain:+.4f} over the untuned config)"
+
+
 def write_outputs(cfg: Config, backbone: str, study: optuna.Study) -> dict:
     """best_params.yaml, trials.csv and the plots of the study as it stands (every worker's trials)."""
     folder = cfg.path("tuning") / slug(backbone)
@@ -416,17 +441,14 @@ def write_outputs(cfg: Config, backbone: str, study: optuna.Study) -> dict:
                                            "duration"))
     write_csv(folder / "trials.csv", trials)
     states = [trial.state for trial in study.get_trials(deepcopy=False)]
-    try:
-        best = study.best_trial
-    except ValueError:  # every trial pruned or failed
-        best = None
+    best, note = chosen_trial(cfg, study)
     write_text(folder / "best_params.yaml", yaml.safe_dump(dict(best.params) if best else {}, sort_keys=False))
     plots = save_plots(folder, study, backbone)
     summary = {"trials": len(states), **{state.name.lower(): states.count(state) for state in
                                          (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
                "best_value": best.value if best else None, "best_trial": best.number if best else None,
-               "best_params": dict(best.params) if best else {}, "plots": plots}
-    outcome = (f"best {cfg.train.metric} {best.value:.4f} (trial {best.number}) in {folder / 'best_params.yaml'}"
+               "best_params": dict(best.params) if best else {}, "plots": plots}  # best: the chosen trial
+    outcome = (f"{note}: trial {best.number} ({cfg.train.metric} {best.value:.4f}) in {folder / 'best_params.yaml'}"
                if best else "no completed trial: best_params.yaml is empty, train uses its own values")
     print(f"[{backbone}] {summary['trials']} trials ({summary['complete']} complete, {summary['pruned']} pruned, "
           f"{summary['fail']} failed); {outcome}", file=sys.stderr)

@@ -130,6 +130,25 @@ def test_unreachable_storage_names_it_without_password(tmp_path, capsys):
     assert "secret" not in message
 
 
+@pytest.mark.parametrize(("direction", "untuned", "best", "min_gain", "chosen"), [
+    ("maximize", 0.50, 0.51, 0.02, 0),  # within the noise margin: the untuned config stays
+    ("maximize", 0.50, 0.53, 0.02, 1),  # a real gain: the best trial
+    ("maximize", 0.50, 0.51, 0.0, 1),  # no margin: plain best
+    ("minimize", 1.00, 0.99, 0.02, 0),  # log loss: lower is better, the same margin
+    ("minimize", 1.00, 0.90, 0.02, 1),
+])
+def test_best_params_keep_the_untuned_config_unless_the_gain_clears_min_gain(tmp_path, direction, untuned, best,
+                                                                             min_gain, chosen):
+    cfg = make_config(tmp_path / "work", *FAST, f"tune.min_gain={min_gain}")
+    study = optuna.create_study(direction=direction)
+    space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    study.add_trial(optuna.trial.create_trial(params={"lr": 3e-3}, distributions=space, value=untuned,
+                                              user_attrs={"origin": "untuned config"}))
+    study.add_trial(optuna.trial.create_trial(params={"lr": 5e-2}, distributions=space, value=best))
+    trial, note = tune.chosen_trial(cfg, study)
+    assert trial.number == chosen and (("kept" in note) == (chosen == 0))
+
+
 # ---------------------------------------------------------------- real studies
 
 @pytest.mark.slow
