@@ -7,7 +7,7 @@ Every figure is the median of several repetitions, and every ratio is taken betw
 measurements of the same run, so a noisy shared machine moves both sides alike.
 
 - loader efficiency: training images/s through the real path (memory-mapped cache,
-  Dataset, albumentations, DataLoader, the training step) / images/s of the same model and
+  Dataset, augmentation per image or per batch, DataLoader, the training step) / images/s of the same model and
   step on batches already in memory. Target >= 0.95 on the CPU (>= 0.90 on a GPU).
 - TTA: seconds of k views / (k x seconds of one plain pass). Target <= 1.1.
 - prepare: images/s, and the peak memory (RSS of the process tree) of a synthetic
@@ -69,13 +69,15 @@ def loader_efficiency(cfg: Config, steps: int, repeats: int) -> dict:
     compute_loss, losses = train.make_loss(cfg, data.heads, data.targets[indices])
     optimizer = train.make_optimizer(cfg, model)
     loader = train.make_train_loader(cfg, data, indices, device, seed=0)
+    batch_augment = train.make_batch_augment(cfg, seed=0)  # None when the preset runs per image
+    augmented = batch_augment or (lambda images: images.clone())
     # The same number of batches, decoded and augmented once beforehand: the model's own speed.
-    in_memory = [(images.clone(), targets.clone()) for images, targets in loader]
+    in_memory = [(augmented(images), targets.clone()) for images, targets in loader]
     images_per_pass = sum(len(images) for images, _ in in_memory)
 
     def real():
         train_one_epoch(model, loader, optimizer, compute_loss, device, state=StepState(),
-                        channels_last=cfg.train.channels_last, desc="bench real")
+                        channels_last=cfg.train.channels_last, batch_augment=batch_augment, desc="bench real")
 
     def memory():
         train_one_epoch(model, in_memory, optimizer, compute_loss, device, state=StepState(),
@@ -184,12 +186,15 @@ def epoch_scaling(cfg: Config, sizes: list[int], repeats: int) -> dict:
     compute_loss, _ = train.make_loss(cfg, data.heads, data.targets)
     per_image = {}
     warm = train.make_train_loader(cfg, data, np.arange(min(sizes[0], len(data.ids))), device, seed=0)
-    train_one_epoch(model, warm, optimizer, compute_loss, device, state=StepState(), desc="bench warm-up")
+    batch_augment = train.make_batch_augment(cfg, seed=0)
+    train_one_epoch(model, warm, optimizer, compute_loss, device, state=StepState(), batch_augment=batch_augment,
+                    desc="bench warm-up")
     for size in sizes:
         indices = np.arange(min(size, len(data.ids)))
         loader = train.make_train_loader(cfg, data, indices, device, seed=0)
         def epoch(loader=loader):
-            train_one_epoch(model, loader, optimizer, compute_loss, device, state=StepState(), desc="bench epoch")
+            train_one_epoch(model, loader, optimizer, compute_loss, device, state=StepState(),
+                            batch_augment=batch_augment, desc="bench epoch")
 
         seconds = median_time(epoch, repeats)
         per_image[size] = {"epoch_s": round(seconds, 3), "ms_per_image": round(1000 * seconds / len(indices), 3)}

@@ -179,6 +179,41 @@ class Augmenter:
             self.compose.set_random_seed(worker_info.seed % 2**32)
 
 
+class BatchFlips:
+    """The ``flips`` preset on a whole uint8 batch (N x C x H x W) at once, on the batch's device.
+
+    Per image, independently: a horizontal flip (p 0.5), a vertical flip (p 0.5) and, for square
+    images, a rotation by k x 90 degrees with k uniform in 0..3: the distribution of the per-image
+    albumentations preset. Profiling the CPU training loop showed albumentations' per-image call
+    as three quarters of the data path (about 5% of a lcnet_050 step at 96 px); on a batch tensor
+    the same flips cost a few index copies. The draws come from a CPU generator seeded like the
+    epoch's sampler, so a resumed run repeats them.
+    """
+
+    def __init__(self, image_size: tuple[int, int], seed: int) -> None:
+        self.square = image_size[0] == image_size[1]
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        count = images.shape[0]
+        flips = torch.rand(count, 2, generator=self.generator) < 0.5
+        turns = torch.randint(0, 4, (count,), generator=self.generator) if self.square else None
+        images = images.clone()
+        for chosen, dims in ((flips[:, 0], (-1,)), (flips[:, 1], (-2,))):
+            index = chosen.nonzero().flatten().to(images.device)
+            if len(index):
+                images[index] = images[index].flip(dims)
+        if turns is not None:
+            for k in (1, 2, 3):
+                index = (turns == k).nonzero().flatten().to(images.device)
+                if len(index):
+                    images[index] = torch.rot90(images[index], k, dims=(-2, -1))
+        return images
+
+
+BATCH_PRESETS = {"flips": BatchFlips}  # presets that run on batches instead of per image
+
+
 def _as_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
     """(height, width) from an int or a pair, validated."""
     if isinstance(image_size, (int, np.integer)):

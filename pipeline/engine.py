@@ -57,8 +57,11 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
 def train_one_epoch(model: nn.Module, loader, optimizer, compute_loss, device: torch.device, *,
                     state: StepState, scheduler=None, per_update_scheduler: bool = True, amp: torch.dtype | None = None,
                     scaler=None, accumulate: int = 1, grad_clip: float | None = None, ema=None, mixup=None,
-                    channels_last: bool = False, desc: str = "train") -> float:
+                    channels_last: bool = False, batch_augment=None, desc: str = "train") -> float:
     """Train for one pass over ``loader``; returns the mean loss.
+
+    ``batch_augment`` (uint8 batch -> uint8 batch) runs on the device before the model, for
+    augmentations that are cheaper on a whole batch than per image in the Dataset.
 
     ``compute_loss(logits, targets)`` gets the concatenated head logits. Gradients of
     ``accumulate`` micro-batches are summed before each optimizer step (each loss divided
@@ -71,6 +74,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, compute_loss, device: t
     progress = tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
     steps = len(loader)
     for step, (images, targets) in enumerate(progress):
+        if batch_augment is not None:
+            images = batch_augment(images.to(device, non_blocking=True))
         images = to_device(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
         if mixup is not None:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from pipeline import cli, metrics
 from pipeline.artifacts import atomic_path, probability_table, save_figure, write_json, write_parquet
-from pipeline.augment import build_augment
+from pipeline.augment import BATCH_PRESETS, build_augment
 from pipeline.config import Config
 from pipeline.data import Cache, ImageDataset, encode_labels, slug
 from pipeline.engine import StepState, autocast_dtype, predict_logits, resolve_device, seed_everything, train_one_epoch
@@ -204,8 +204,17 @@ def make_mixup(cfg: Config, heads: Heads):
                  label_smoothing=cfg.train.label_smoothing, num_classes=len(heads.class_names))
 
 
+def make_batch_augment(cfg: Config, seed: int):
+    """The batch-level form of ``train.augment`` (applied by the training loop on the device), or None
+    when the preset runs per image in the Dataset."""
+    preset = BATCH_PRESETS.get(cfg.train.augment)
+    return preset(cfg.data.size_hw, seed) if preset is not None else None
+
+
 def make_train_loader(cfg: Config, data: TrainingData, indices: np.ndarray, device, seed: int) -> DataLoader:
-    augment = build_augment(cfg.train.augment, cfg.data.size_hw, cfg.data.channels, seed=seed)
+    augment = None
+    if cfg.train.augment not in BATCH_PRESETS:
+        augment = build_augment(cfg.train.augment, cfg.data.size_hw, cfg.data.channels, seed=seed)
     dataset = ImageDataset(data.images, indices, data.targets[indices], augment)
     generator = torch.Generator().manual_seed(seed)
     sampler = None
@@ -347,6 +356,7 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
             forward_model, loader, optimizer, compute_loss, device, state=state, scheduler=scheduler,
             per_update_scheduler=per_update, amp=amp, scaler=scaler, accumulate=cfg.train.accumulate,
             grad_clip=cfg.train.grad_clip, ema=ema, mixup=mixup, channels_last=cfg.train.channels_last,
+            batch_augment=make_batch_augment(cfg, epoch_seed),
             desc=f"[{backbone}] fold {fold} epoch {epoch + 1}/{epochs}" + (" (frozen)" if frozen else ""))
         evaluated = ema.module if ema is not None else model
         logits = predict_logits(evaluated, eval_loader, device, amp=amp, channels_last=cfg.train.channels_last,

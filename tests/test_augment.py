@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import PRESETS, build_augment
+from pipeline.augment import PRESETS, BatchFlips, build_augment
 
 SIZES = [(32, 32), (48, 64)]
 ACTIVE_PRESETS = sorted(name for name in PRESETS if name != "none")
@@ -99,3 +99,44 @@ def test_unknown_preset_lists_the_choices():
 def test_invalid_channels_rejected():
     with pytest.raises(ValueError):
         build_augment("light", 32, 4)
+
+
+def dihedral_views(image: torch.Tensor, square: bool) -> list[torch.Tensor]:
+    """Every orientation the flips preset can give (C x H x W): 8 for a square, 4 for a rectangle."""
+    views = []
+    for turned in ([torch.rot90(image, k, dims=(-2, -1)) for k in range(4)] if square else [image]):
+        views += [turned, turned.flip(-1), turned.flip(-2), turned.flip(-1).flip(-2)]
+    return views
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_batch_flips_give_each_image_one_of_its_orientations_uniformly(size):
+    square = size[0] == size[1]
+    batch = torch.from_numpy(np.stack(random_images(size, 3, count=400))).permute(0, 3, 1, 2).contiguous()
+    output = BatchFlips(size, seed=0)(batch)
+    assert output.dtype == torch.uint8 and output.shape == batch.shape
+    counts = {}
+    for original, augmented in zip(batch, output):
+        views = dihedral_views(original, square)
+        matches = [index for index, view in enumerate(views) if torch.equal(view, augmented)]
+        assert matches, "an augmented image is not an orientation of its original"
+        counts[matches[0]] = counts.get(matches[0], 0) + 1
+    distinct = 8 if square else 4  # a random image has no symmetry: its views are all different
+    assert len(counts) == distinct and min(counts.values()) > 400 / distinct / 2
+
+
+def test_batch_flips_follow_their_seed_and_leave_the_input_alone():
+    batch = torch.from_numpy(np.stack(random_images((32, 32), 1, count=64))).permute(0, 3, 1, 2).contiguous()
+    before = batch.clone()
+    first, second = BatchFlips((32, 32), seed=3)(batch), BatchFlips((32, 32), seed=3)(batch)
+    assert torch.equal(first, second) and torch.equal(batch, before)
+    assert not torch.equal(BatchFlips((32, 32), seed=4)(batch), first)
+
+
+def test_flips_preset_runs_on_batches_in_training(tmp_path):
+    from conftest import make_config
+    from pipeline import train
+
+    cfg = make_config(tmp_path / "work")
+    assert isinstance(train.make_batch_augment(cfg, seed=0), BatchFlips)
+    assert train.make_batch_augment(make_config(tmp_path / "work", "train.augment=light"), seed=0) is None

@@ -45,7 +45,7 @@ def test_smoke_training_writes_oof_covering_every_id_once(prepared):
     assert (cfg.path("plots") / "train" / "lcnet_050" / "fold0" / "plots" / "metrics").is_dir()
 
 
-@pytest.mark.parametrize(("overrides", "power"), [(["train.oversample=true"], 1.0),
+@pytest.mark.parametrize(("overrides", "power"), [(["train.oversample=true", "train.balance_power=1"], 1.0),
                                                   (["train.oversample=true", "train.balance_power=0.5"], 0.5),
                                                   (["train.oversample=false"], 0.0)])
 def test_sampler_draws_classes_in_proportion_to_count_to_the_one_minus_power(prepared, overrides, power):
