@@ -90,10 +90,14 @@ def loader_efficiency(cfg: Config, steps: int, repeats: int) -> dict:
         memory_times.append(median_time(memory, 1))
     real_rate = images_per_pass / statistics.median(real_times)
     memory_rate = images_per_pass / statistics.median(memory_times)
+    # Each real pass against the in-memory pass right after it, then the median of those ratios:
+    # a slow spell of the shared machine moves both sides of a pair, not the figure.
+    efficiency = statistics.median(memory / real for real, memory in zip(real_times, memory_times))
     return {"backbone": backbone, "augment": cfg.train.augment, "image_size": list(cfg.data.size_hw),
             "batch_size": cfg.train.batch_size, "workers": train.loader_settings(cfg, device)["num_workers"],
             "device": device.type, "real_images_per_s": round(real_rate, 1),
-            "in_memory_images_per_s": round(memory_rate, 1), "efficiency": round(real_rate / memory_rate, 3)}
+            "in_memory_images_per_s": round(memory_rate, 1), "efficiency": round(efficiency, 3),
+            "repeats": repeats}
 
 
 # ---------------------------------------------------------------- TTA cost
@@ -189,15 +193,18 @@ def epoch_scaling(cfg: Config, sizes: list[int], repeats: int) -> dict:
     batch_augment = train.make_batch_augment(cfg, seed=0)
     train_one_epoch(model, warm, optimizer, compute_loss, device, state=StepState(), batch_augment=batch_augment,
                     desc="bench warm-up")
+    loaders = {size: train.make_train_loader(cfg, data, np.arange(min(size, len(data.ids))), device, seed=0)
+               for size in sizes}
+    times = {size: [] for size in sizes}
+    for _ in range(repeats):  # sizes round-robin, so a slow spell of the machine hits every size alike
+        for size, loader in loaders.items():
+            times[size].append(median_time(lambda loader=loader: train_one_epoch(
+                model, loader, optimizer, compute_loss, device, state=StepState(), batch_augment=batch_augment,
+                desc="bench epoch"), 1))
     for size in sizes:
-        indices = np.arange(min(size, len(data.ids)))
-        loader = train.make_train_loader(cfg, data, indices, device, seed=0)
-        def epoch(loader=loader):
-            train_one_epoch(model, loader, optimizer, compute_loss, device, state=StepState(),
-                            batch_augment=batch_augment, desc="bench epoch")
-
-        seconds = median_time(epoch, repeats)
-        per_image[size] = {"epoch_s": round(seconds, 3), "ms_per_image": round(1000 * seconds / len(indices), 3)}
+        seconds = statistics.median(times[size])
+        count = min(size, len(data.ids))
+        per_image[size] = {"epoch_s": round(seconds, 3), "ms_per_image": round(1000 * seconds / count, 3)}
     costs = [v["ms_per_image"] for v in per_image.values()]
     return {"backbone": backbone, "sizes": per_image, "spread": round(max(costs) / min(costs), 3)}
 
@@ -284,7 +291,7 @@ def main() -> None:
                            "torch": torch.__version__, "threads": torch.get_num_threads()},
                "quick": args.quick}
     print("loader efficiency ...", file=sys.stderr)
-    results["loader"] = loader_efficiency(cfg, steps=12 if args.quick else 30, repeats=repeats)
+    results["loader"] = loader_efficiency(cfg, steps=12 if args.quick else 30, repeats=2 * repeats + 1)
     print("TTA cost ...", file=sys.stderr)
     results["tta"] = tta_cost(cfg, 256 if args.quick else 512, repeats)
     print("epoch scaling ...", file=sys.stderr)
