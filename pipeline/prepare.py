@@ -20,7 +20,9 @@ import json
 import os
 import sys
 import time
-from multiprocessing import get_context
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import active_children, get_context
 
 import numpy as np
 from tqdm import tqdm
@@ -29,7 +31,7 @@ from pipeline import cli
 from pipeline.artifacts import atomic_dir, write_json
 from pipeline.config import Config
 from pipeline.data import Competition, read_competition, try_load_image
-from pipeline.errors import DataError
+from pipeline.errors import DataError, PipelineError
 
 CACHE_VERSION = 1
 
@@ -64,9 +66,13 @@ def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, de
     squares = np.zeros(channels, dtype=np.float64)
     tasks = [(str(p), size_hw, channels) for p in paths]
     # A spawned worker re-imports the package (about a second each): worth it only for many images.
-    pool = get_context("spawn").Pool(workers) if workers > 1 and len(tasks) >= 1000 else None
-    results = pool.imap(try_load_image, tasks, chunksize=32) if pool else map(try_load_image, tasks)
+    # An executor rather than multiprocessing.Pool: when a worker dies (killed, out of memory) a Pool
+    # quietly replaces it and waits forever for the lost chunk; the executor raises BrokenProcessPool.
+    pool = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+            if workers > 1 and len(tasks) >= 1000 else None)
     try:
+        # Inside the try: a worker that dies while the pool starts breaks it already at submission.
+        results = pool.map(try_load_image, tasks, chunksize=32) if pool else map(try_load_image, tasks)
         with open(out_path, "r+b") as handle:
             handle.seek(offset)
             for index, (array, problem) in enumerate(tqdm(results, total=len(tasks), desc=desc, unit="img",
@@ -78,10 +84,17 @@ def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, de
                 pixels = array.reshape(-1, channels).astype(np.float64)
                 total += pixels.sum(axis=0)
                 squares += (pixels ** 2).sum(axis=0)
+    except BrokenProcessPool as error:
+        # Python 3.11's executor joins the surviving workers without stopping them (they wait for work
+        # forever): stop them here, or shutdown() below would hang. prepare starts no other processes.
+        for child in active_children():
+            child.kill()
+        raise PipelineError(f"prepare: a process decoding images died ({error}); often the machine ran out of "
+                            f"memory: re-run, or set data.workers=1 to decode in this process. The previous cache, "
+                            f"if any, is untouched") from None
     finally:
         if pool:
-            pool.close()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     return failures, total, squares
 
 

@@ -158,6 +158,45 @@ def test_prepare_killed_at_any_point_leaves_the_previous_cache_or_none(tmp_path)
     assert leftovers(work) == []
 
 
+def decoding_workers(parent: int) -> list[int]:
+    """Process ids of the spawned image-decoding workers of ``parent`` (not its resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+            if ppid == parent and b"spawn_main" in command:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+def test_a_decoding_worker_that_dies_fails_prepare_clearly_instead_of_hanging(tmp_path):
+    work, log = tmp_path / "work", tmp_path / "prepare.log"
+    finish("prepare", work, "data.image_size=16", "data.elpv_size=null")  # every ELPV image, a first cache
+    before = file_state(work / "cache")
+    # Again at another size with two worker processes (prepare uses them from 1,000 images).
+    process = start("prepare", work, log, "data.image_size=24", "data.elpv_size=null", "data.workers=2")
+    deadline = time.monotonic() + 120
+    while not (workers := decoding_workers(process.pid)):
+        assert process.poll() is None, f"finished before a worker started:\n{log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "no decoding worker started in 120 s"
+        time.sleep(0.01)
+    os.kill(workers[0], signal.SIGKILL)
+    try:
+        process.wait(timeout=120)  # multiprocessing.Pool would wait forever here
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    message = log.read_text()
+    assert process.returncode == 2, message[-2000:]
+    assert "died" in message and "data.workers=1" in message and "Traceback" not in message
+    assert file_state(work / "cache") == before  # the previous cache is untouched
+
+
 @pytest.mark.slow
 def test_train_killed_mid_fold_resumes_from_its_last_checkpoint(work, tmp_path):
     import torch
