@@ -37,12 +37,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the repository copy that tests/test_dvc.py runs dvc in
 
 from pipeline import folds, prepare, train  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.engine import StepState, resolve_device, train_one_epoch  # noqa: E402
 from pipeline.infer import predict_views, tta_transforms  # noqa: E402
 from pipeline.models import ProbabilityModel, create_model  # noqa: E402
+from repo_copy import copy_repository, dvc_env, stages_run  # noqa: E402
 
 
 def median_time(function, repeats: int) -> float:
@@ -201,9 +203,9 @@ def epoch_scaling(cfg: Config, sizes: list[int], repeats: int) -> dict:
             times[size].append(median_time(lambda loader=loader: train_one_epoch(
                 model, loader, optimizer, compute_loss, device, state=StepState(), batch_augment=batch_augment,
                 desc="bench epoch"), 1))
-    for size in sizes:
+    for size, loader in loaders.items():
         seconds = statistics.median(times[size])
-        count = min(size, len(data.ids))
+        count = len(loader.dataset)
         per_image[size] = {"epoch_s": round(seconds, 3), "ms_per_image": round(1000 * seconds / count, 3)}
     costs = [v["ms_per_image"] for v in per_image.values()]
     return {"backbone": backbone, "sizes": per_image, "spread": round(max(costs) / min(costs), 3)}
@@ -224,16 +226,16 @@ def no_op_reruns(scratch: Path) -> dict:
     timings = {}
     for stage in ("pipeline.prepare", "pipeline.folds", "pipeline.train"):
         subprocess.run([*base, stage, *args], check=True, capture_output=True)
+        name = stage.split(".")[1]
         folds_file = work / "folds.csv"
-        before = hashlib.sha256(folds_file.read_bytes()).hexdigest() if folds_file.exists() else None
+        before = hashlib.sha256(folds_file.read_bytes()).digest() if name == "folds" else None
         started = time.perf_counter()
         output = subprocess.run([*base, stage, *args], check=True, capture_output=True, text=True)
         seconds = round(time.perf_counter() - started, 2)
-        name = stage.split(".")[1]
         if name == "prepare":
             skipped = "up to date" in output.stderr
         elif name == "folds":
-            skipped = before == hashlib.sha256(folds_file.read_bytes()).hexdigest()
+            skipped = before == hashlib.sha256(folds_file.read_bytes()).digest()
         else:
             skipped = output.stderr.count("skipped") >= 2  # one line per fold of the smoke preset's 2
         timings[name] = {"second_run_s": seconds, "skipped": skipped}
@@ -243,33 +245,18 @@ def no_op_reruns(scratch: Path) -> dict:
 def dvc_no_op(scratch: Path) -> dict:
     """``dvc repro`` twice on a copy of the repository with the smoke preset as params.yaml: the
     second run must run no stage at all (every stage, tune/infer/ensemble/submit included)."""
-    from pipeline.config import dump
+    repo = copy_repository(scratch / "repo")
 
-    repo = scratch / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            (repo / name).write_bytes((ROOT / name).read_bytes())
-    smoke = load_config(ROOT / "configs" / "smoke.yaml", ["paths.work_dir=work", "tune.n_trials=1"])
-    (repo / "params.yaml").write_text(dump(smoke))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(repo)}
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "copy"]):
-        subprocess.run(command, cwd=repo, check=True, env=env)
-
-    def repro() -> tuple[float, list[str]]:
+    def repro() -> tuple[float, set[str]]:
         started = time.perf_counter()
-        result = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True, env=env, check=True)
-        ran = [line.split("'")[1] for line in (result.stdout + result.stderr).splitlines()
-               if line.startswith("Running stage '")]
-        return round(time.perf_counter() - started, 2), ran
+        result = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True, env=dvc_env(repo),
+                                check=True)
+        return round(time.perf_counter() - started, 2), stages_run(result.stdout + result.stderr)
 
     first_s, first_ran = repro()
     second_s, second_ran = repro()
     return {"first_run_s": first_s, "stages": len(first_ran), "second_run_s": second_s,
-            "stages_rerun": second_ran}
+            "stages_rerun": sorted(second_ran)}
 
 
 # ---------------------------------------------------------------- the table

@@ -1,49 +1,26 @@
 """`dvc repro` end to end on a copy of the repository with the smoke preset as params.yaml."""
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT
-from pipeline.config import dump, load_config
+from repo_copy import copy_repository, dvc_env, stages_run
 
 pytestmark = pytest.mark.slow
 
 
 def run(args, cwd):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(cwd)}
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=dvc_env(cwd))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
-def stages_run(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """The project's tracked files (its own .dvc included) in a fresh git repository."""
-    target = tmp_path_factory.mktemp("dvc") / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, target / name)
-    smoke = load_config(ROOT / "configs" / "smoke.yaml", ["paths.work_dir=work", "tune.n_trials=1"])
-    (target / "params.yaml").write_text(dump(smoke))
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
-        subprocess.run(command, cwd=target, check=True)
-    return target
+    return copy_repository(tmp_path_factory.mktemp("dvc") / "repo")
 
 
 def test_dvc_repro_runs_every_stage_then_nothing_then_one_backbone(repo):
