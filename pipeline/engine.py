@@ -74,9 +74,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, compute_loss, device: t
     progress = tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
     steps = len(loader)
     for step, (images, targets) in enumerate(progress):
-        if batch_augment is not None:
-            images = batch_augment(images.to(device, non_blocking=True))
         images = to_device(images, device, channels_last)
+        if batch_augment is not None:
+            images = batch_augment(images)
         targets = targets.to(device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images.float(), targets[:, 0])
