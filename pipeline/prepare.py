@@ -15,11 +15,15 @@ and settings does no work.
 
 from __future__ import annotations
 
+import concurrent.futures.process
+import contextlib
 import hashlib
 import json
 import os
 import sys
+import threading
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import active_children, get_context
@@ -49,6 +53,36 @@ def fingerprint(cfg: Config, competition: Competition) -> str:
     return digest.hexdigest()
 
 
+def is_broken_pool_cleanup_error(args) -> bool:
+    """Whether a thread's uncaught exception is the executor's manager thread failing to clean up a broken pool.
+
+    CPython 3.11's manager thread, on finding a dead worker, fails every pending future with
+    BrokenProcessPool first and only then counts the surviving workers; when the main thread is
+    still starting a worker at that moment, the count raises "dictionary changed size during
+    iteration". The main thread already has the BrokenProcessPool and reports it as a clear error;
+    that race's traceback only adds noise.
+    """
+    frames = traceback.extract_tb(args.exc_traceback)
+    return any(frame.filename == concurrent.futures.process.__file__ and frame.name == "terminate_broken"
+               for frame in frames)
+
+
+@contextlib.contextmanager
+def quiet_broken_pool_cleanup():
+    """Within the block, drop the traceback of :func:`is_broken_pool_cleanup_error` errors; others print as usual."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if not is_broken_pool_cleanup_error(args):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, desc: str):
     """Decode ``paths`` into an N x H x W x C uint8 ``.npy`` file; returns (per-image failures, sum, sum of squares).
 
@@ -70,31 +104,33 @@ def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, de
     # quietly replaces it and waits forever for the lost chunk; the executor raises BrokenProcessPool.
     pool = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
             if workers > 1 and len(tasks) >= 1000 else None)
-    try:
-        # Inside the try: a worker that dies while the pool starts breaks it already at submission.
-        results = pool.map(try_load_image, tasks, chunksize=32) if pool else map(try_load_image, tasks)
-        with open(out_path, "r+b") as handle:
-            handle.seek(offset)
-            for index, (array, problem) in enumerate(tqdm(results, total=len(tasks), desc=desc, unit="img",
-                                                          file=sys.stderr, mininterval=1.0)):
-                if problem:
-                    failures.append((tasks[index][0], problem))
-                    array = blank
-                handle.write(array.tobytes())
-                pixels = array.reshape(-1, channels).astype(np.float64)
-                total += pixels.sum(axis=0)
-                squares += (pixels ** 2).sum(axis=0)
-    except BrokenProcessPool as error:
-        # Python 3.11's executor joins the surviving workers without stopping them (they wait for work
-        # forever): stop them here, or shutdown() below would hang. prepare starts no other processes.
-        for child in active_children():
-            child.kill()
-        raise PipelineError(f"prepare: a process decoding images died ({error}); often the machine ran out of "
-                            f"memory: re-run, or set data.workers=1 to decode in this process. The previous cache, "
-                            f"if any, is untouched") from None
-    finally:
-        if pool:
-            pool.shutdown(wait=True, cancel_futures=True)
+    # The hook is removed only after shutdown() has joined the manager thread: it covers its whole life.
+    with quiet_broken_pool_cleanup() if pool else contextlib.nullcontext():
+        try:
+            # Inside the try: a worker that dies while the pool starts breaks it already at submission.
+            results = pool.map(try_load_image, tasks, chunksize=32) if pool else map(try_load_image, tasks)
+            with open(out_path, "r+b") as handle:
+                handle.seek(offset)
+                for index, (array, problem) in enumerate(tqdm(results, total=len(tasks), desc=desc, unit="img",
+                                                              file=sys.stderr, mininterval=1.0)):
+                    if problem:
+                        failures.append((tasks[index][0], problem))
+                        array = blank
+                    handle.write(array.tobytes())
+                    pixels = array.reshape(-1, channels).astype(np.float64)
+                    total += pixels.sum(axis=0)
+                    squares += (pixels ** 2).sum(axis=0)
+        except BrokenProcessPool as error:
+            # Python 3.11's executor joins the surviving workers without stopping them (they wait for work
+            # forever): stop them here, or shutdown() below would hang. prepare starts no other processes.
+            for child in active_children():
+                child.kill()
+            raise PipelineError(f"prepare: a process decoding images died ({error}); often the machine ran out of "
+                                f"memory: re-run, or set data.workers=1 to decode in this process. The previous cache, "
+                                f"if any, is untouched") from None
+        finally:
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
     return failures, total, squares
 
 

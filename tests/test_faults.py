@@ -197,6 +197,36 @@ def test_a_decoding_worker_that_dies_fails_prepare_clearly_instead_of_hanging(tm
     assert file_state(work / "cache") == before  # the previous cache is untouched
 
 
+def test_only_the_broken_pool_cleanup_race_is_kept_quiet(monkeypatch):
+    """CPython 3.11's executor thread can fail while cleaning up after a dead worker (seen in CI):
+    prepare already reports the dead worker, so that thread's traceback is dropped; any other
+    thread's error still reaches the previous hook, which is back in place afterwards."""
+    import concurrent.futures.process
+    import threading
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(str(args.exc_value)))
+    # A function of that name in that file, as the executor's own frame would be.
+    code = compile("def terminate_broken():\n    raise RuntimeError('dictionary changed size during iteration')\n",
+                   concurrent.futures.process.__file__, "exec")
+    scope: dict = {}
+    exec(code, scope)
+
+    def other():
+        raise RuntimeError("an error of this program")
+
+    with prepare.quiet_broken_pool_cleanup():
+        for target in (scope["terminate_broken"], other):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+    assert seen == ["an error of this program"]
+    thread = threading.Thread(target=scope["terminate_broken"])
+    thread.start()
+    thread.join()
+    assert seen == ["an error of this program", "dictionary changed size during iteration"]
+
+
 @pytest.mark.slow
 def test_train_killed_mid_fold_resumes_from_its_last_checkpoint(work, tmp_path):
     import torch
