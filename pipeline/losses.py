@@ -174,7 +174,8 @@ def _build_f1(n_classes: int, label_smoothing: float, focal_gamma: float, focal_
     return F1Loss()
 
 
-def _build_cross_entropy_plus_f1(n_classes: int, label_smoothing: float, focal_gamma: float, focal_alpha, weight) -> nn.Module:
+def _build_cross_entropy_plus_f1(n_classes: int, label_smoothing: float, focal_gamma: float, focal_alpha,
+                                 weight) -> nn.Module:
     return SumOfLosses(_build_cross_entropy(n_classes, label_smoothing, focal_gamma, focal_alpha, weight), F1Loss())
 
 

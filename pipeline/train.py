@@ -142,8 +142,8 @@ def make_loss(cfg: Config, heads: Heads, targets: np.ndarray):
         is_aux = index >= len(heads.heads)
         # timm's Mixup already smooths the soft targets it makes; smoothing them again would double it.
         smoothing = 0.0 if (cfg.train.mixup or cfg.train.cutmix) else cfg.train.label_smoothing
-        losses.append(build_loss("ce" if is_aux else cfg.train.loss, len(class_names), label_smoothing=smoothing, focal_gamma=cfg.train.focal_gamma,
-                                 focal_alpha=cfg.train.focal_alpha, weight=weight))
+        losses.append(build_loss("ce" if is_aux else cfg.train.loss, len(class_names), label_smoothing=smoothing,
+                                 focal_gamma=cfg.train.focal_gamma, focal_alpha=cfg.train.focal_alpha, weight=weight))
     head_count = len(heads.heads)
 
     def compute_loss(logits: torch.Tensor, batch_targets: torch.Tensor) -> torch.Tensor:
@@ -183,12 +183,15 @@ def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int, epochs: int):
         return None, True
     if name == "onecycle":
         max_lr = [group["lr"] for group in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(1, steps_per_epoch * epochs),
-                                                   pct_start=min(0.3, max(cfg.train.warmup_epochs / epochs, 0.05))), True
+        pct_start = min(0.3, max(cfg.train.warmup_epochs / epochs, 0.05))
+        total_steps = max(1, steps_per_epoch * epochs)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                                   pct_start=pct_start), True
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=name, num_epochs=epochs, decay_epochs=cfg.train.step_size, decay_rate=cfg.train.step_gamma,
         warmup_epochs=int(round(cfg.train.warmup_epochs)) if name != "plateau" else 0,
-        warmup_lr=cfg.train.lr * 0.01, min_lr=cfg.train.lr * 0.01, patience_epochs=max(1, (cfg.train.patience or 4) // 2),
+        warmup_lr=cfg.train.lr * 0.01, min_lr=cfg.train.lr * 0.01,
+        patience_epochs=max(1, (cfg.train.patience or 4) // 2),
         step_on_epochs=name in ("step", "plateau"), updates_per_epoch=steps_per_epoch, warmup_prefix=True)
     return scheduler, name not in ("step", "plateau")
 

@@ -40,7 +40,8 @@ def class_pattern(label: int, size: int, rng: np.random.Generator, channels: int
 
 def make_csv_competition(root: Path, n_train: int = 40, n_test: int = 12, n_classes: int = 3, seed: int = 0,
                          extension: str = ".png", id_with_extension: bool = False, groups: bool = False) -> Path:
-    """A tiny Kaggle-style folder: train.csv (id, label[, group]), train/, test/, sample_submission.csv, solution.csv."""
+    """A tiny Kaggle-style folder: train.csv (id, label[, group]), train/, test/, sample_submission.csv,
+    solution.csv."""
     rng = np.random.default_rng(seed)
     labels = [f"class_{i % n_classes}" for i in range(n_train)]
     rows = []

@@ -86,7 +86,8 @@ def test_subfolder_layout(tmp_path):
     rng = np.random.default_rng(0)
     for label in ("cat", "dog"):
         for index in range(3):
-            write_image(tmp_path / "comp" / "train" / label / f"{label}{index}.png", rng.integers(0, 255, (8, 8), np.uint8))
+            image = rng.integers(0, 255, (8, 8), np.uint8)
+            write_image(tmp_path / "comp" / "train" / label / f"{label}{index}.png", image)
     for index in range(2):
         write_image(tmp_path / "comp" / "test" / f"t{index}.png", rng.integers(0, 255, (8, 8), np.uint8))
     competition = read_competition(folder_config(tmp_path, tmp_path / "comp", "data.layout=subfolders"))

@@ -153,7 +153,8 @@ def test_every_loss_accepts_hard_and_soft_targets(name):
     logits = torch.randn(8, 4, generator=generator, requires_grad=True)
     hard = torch.randint(0, 4, (8,), generator=generator)
     # Mixup-style soft targets: a blend of two one-hot rows.
-    soft = 0.7 * torch.nn.functional.one_hot(hard, 4).float() + 0.3 * torch.nn.functional.one_hot(hard.flip(0), 4).float()
+    one_hot = torch.nn.functional.one_hot
+    soft = 0.7 * one_hot(hard, 4).float() + 0.3 * one_hot(hard.flip(0), 4).float()
     weight = torch.tensor([1.0, 2.0, 0.5, 1.0])
     loss = build_loss(name, 4, label_smoothing=0.1, weight=weight)
     for targets in (hard, soft):
