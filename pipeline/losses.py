@@ -140,6 +140,16 @@ class SumOfLosses(nn.Module):
         return sum(loss(logits, targets) for loss in self.losses)
 
 
+def inverse_frequency(counts: np.ndarray, power: float) -> np.ndarray:
+    """Per-class ``count^-power`` (float64), 0 for a class with no samples: the balancing that
+    ``train.balance_power`` sets for both the class weights and the oversampler."""
+    counts = np.asarray(counts, dtype=np.float64)
+    weights = np.zeros_like(counts)
+    present = counts > 0
+    weights[present] = counts[present] ** -power
+    return weights
+
+
 def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> torch.Tensor:
     """Inverse-frequency class weights ``count^-power``, scaled so ``mean_i w[y_i] == 1``.
 
@@ -154,9 +164,7 @@ def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> tor
     if labels.min() < 0 or labels.max() >= n_classes:
         raise ValueError(f"labels must lie in [0, {n_classes}), got range [{labels.min()}, {labels.max()}]")
     counts = np.bincount(labels.astype(np.int64), minlength=n_classes).astype(np.float64)
-    weights = np.zeros(n_classes, dtype=np.float64)
-    present = counts > 0
-    weights[present] = counts[present] ** -power
+    weights = inverse_frequency(counts, power)
     weights *= labels.size / (counts * weights).sum()
     return torch.tensor(weights, dtype=torch.float32)
 

@@ -41,7 +41,7 @@ from pipeline.data import Cache, ImageDataset, encode_labels, slug
 from pipeline.engine import StepState, autocast_dtype, predict_logits, resolve_device, seed_everything, train_one_epoch
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.folds import read_folds
-from pipeline.losses import build_loss, class_weights
+from pipeline.losses import build_loss, class_weights, inverse_frequency
 from pipeline.models import Heads, classifier_parameters, create_model, set_backbone_frozen
 
 # ---------------------------------------------------------------- inputs
@@ -225,7 +225,7 @@ def make_train_loader(cfg: Config, data: TrainingData, indices: np.ndarray, devi
         # A sample's weight is its class's frequency in this fold ** -balance_power: 1 draws every
         # class equally often, 0.5 (square root) halfway between that and the natural frequencies.
         counts = np.bincount(data.labels[indices], minlength=len(data.heads.class_names))
-        weights = counts[data.labels[indices]].astype(np.float64) ** -cfg.train.balance_power
+        weights = inverse_frequency(counts, cfg.train.balance_power)[data.labels[indices]]
         sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(indices),
                                         replacement=True, generator=generator)
     drop_last = len(indices) > cfg.train.batch_size  # a lone 1-image batch breaks batch norm
