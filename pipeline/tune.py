@@ -51,6 +51,9 @@ from pipeline.data import slug
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.train import TrainingData, check_choices, cross_validate, load_training_data
 
+# The user attribute that marks a study's first trial, the untuned config, which min_gain compares against.
+UNTUNED_ORIGIN = "untuned config"
+
 
 class TrialFailed(Exception):
     """A trial that training rejected (a NaN loss, out of GPU memory): the study marks it failed and goes on."""
@@ -312,7 +315,7 @@ def open_study(cfg: Config, backbone: str, storage=None) -> optuna.Study:
                               f"tune.storage to another file or database, or delete the old one") from None
         return study
     study.set_user_attr("metric", cfg.train.metric)
-    study.enqueue_trial(untuned_values(cfg, search_space(cfg)), user_attrs={"origin": "untuned config"})
+    study.enqueue_trial(untuned_values(cfg, search_space(cfg)), user_attrs={"origin": UNTUNED_ORIGIN})
     return study
 
 
@@ -423,7 +426,7 @@ def chosen_trial(cfg: Config, study: optuna.Study) -> tuple[FrozenTrial | None, 
     except ValueError:  # every trial pruned or failed
         return None, "no completed trial"
     untuned = [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-               if trial.user_attrs.get("origin") == "untuned config"]
+               if trial.user_attrs.get("origin") == UNTUNED_ORIGIN]
     if not untuned or best.number == untuned[0].number:
         return best, "best"
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0

@@ -143,7 +143,7 @@ def test_best_params_keep_the_untuned_config_unless_the_gain_clears_min_gain(tmp
     study = optuna.create_study(direction=direction)
     space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
     study.add_trial(optuna.trial.create_trial(params={"lr": 3e-3}, distributions=space, value=untuned,
-                                              user_attrs={"origin": "untuned config"}))
+                                              user_attrs={"origin": tune.UNTUNED_ORIGIN}))
     study.add_trial(optuna.trial.create_trial(params={"lr": 5e-2}, distributions=space, value=best))
     trial, note = tune.chosen_trial(cfg, study)
     assert trial.number == chosen and (("kept" in note) == (chosen == 0))
