@@ -8,7 +8,7 @@ scores, per fold and on the pooled out-of-fold predictions:
 1. ``majority``: the most frequent class of each fold's training part, predicted for everything;
 2. ``logreg``: scikit-learn logistic regression on the cached images block-averaged to 16 x 16
    pixels and standardised (fit on the training part only), both plain and with
-   ``class_weight="balanced"``; the variant with the better mean CV ``train.metric`` is reported
+   ``class_weight="balanced"``; the variant with the better mean CV ``metric`` is reported
    as ``logreg`` and named in the JSON.
 
 Scores are the mean ± std of the per-fold scores (as ``metrics/<backbone>.json`` reports them)
@@ -28,7 +28,8 @@ from sklearn.preprocessing import StandardScaler
 from pipeline import metrics
 from pipeline.artifacts import write_json
 from pipeline.config import load_config
-from pipeline.data import Cache, encode_labels
+from pipeline.competition import encode_labels
+from pipeline.images import Cache
 from pipeline.errors import PipelineError
 from pipeline.folds import read_folds
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    metric = cfg.train.metric
+    metric = cfg.metric
 
     cache = Cache.open(cfg)
     table = cache.table("train")

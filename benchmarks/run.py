@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the repository copy that tests/test_dvc.py runs dvc in
 
-from pipeline import folds, prepare, train  # noqa: E402
+from pipeline import builders, folds, kfold, prepare  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.engine import StepState, resolve_device, train_one_epoch  # noqa: E402
 from pipeline.infer import predict_views, tta_transforms  # noqa: E402
@@ -62,16 +62,16 @@ def loader_efficiency(cfg: Config, steps: int, repeats: int) -> dict:
     """Images/s of the real training path vs the same step on in-memory batches."""
     backbone = next(iter(cfg.backbones))
     cfg = cfg.for_backbone(backbone)
-    data = train.load_training_data(cfg)
-    device = resolve_device(cfg.train.device)
+    data = kfold.load_training_data(cfg)
+    device = resolve_device(cfg.runtime.device)
     indices = np.arange(min(len(data.ids), steps * cfg.train.batch_size))
     model = create_model(backbone, data.heads, cfg.data.channels, data.mean, data.std).to(device)
-    if cfg.train.channels_last:
+    if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    compute_loss, losses = train.make_loss(cfg, data.heads, data.targets[indices])
-    optimizer = train.make_optimizer(cfg, model)
-    loader = train.make_train_loader(cfg, data, indices, device, seed=0)
-    batch_augment = train.make_batch_augment(cfg, seed=0)  # None when the preset runs per image
+    compute_loss, losses = builders.make_loss(cfg, data.heads, data.targets[indices])
+    optimizer = builders.make_optimizer(cfg, model)
+    loader = builders.make_train_loader(cfg, data, indices, device, seed=0)
+    batch_augment = builders.make_batch_augment(cfg, seed=0)  # None when the preset runs per image
     augmented = batch_augment or (lambda images: images.clone())
     # The same number of batches, decoded and augmented once beforehand: the model's own speed.
     in_memory = [(augmented(images), targets.clone()) for images, targets in loader]
@@ -79,11 +79,11 @@ def loader_efficiency(cfg: Config, steps: int, repeats: int) -> dict:
 
     def real():
         train_one_epoch(model, loader, optimizer, compute_loss, device, state=StepState(),
-                        channels_last=cfg.train.channels_last, batch_augment=batch_augment, desc="bench real")
+                        channels_last=cfg.runtime.channels_last, batch_augment=batch_augment, desc="bench real")
 
     def memory():
         train_one_epoch(model, in_memory, optimizer, compute_loss, device, state=StepState(),
-                        channels_last=cfg.train.channels_last, desc="bench memory")
+                        channels_last=cfg.runtime.channels_last, desc="bench memory")
 
     memory()  # warm-up: allocator, kernels, thread pools
     real_times, memory_times = [], []
@@ -96,7 +96,7 @@ def loader_efficiency(cfg: Config, steps: int, repeats: int) -> dict:
     # a slow spell of the shared machine moves both sides of a pair, not the figure.
     efficiency = statistics.median(memory / real for real, memory in zip(real_times, memory_times))
     return {"backbone": backbone, "augment": cfg.train.augment, "image_size": list(cfg.data.size_hw),
-            "batch_size": cfg.train.batch_size, "workers": train.loader_settings(cfg, device)["num_workers"],
+            "batch_size": cfg.train.batch_size, "workers": builders.loader_settings(cfg, device)["num_workers"],
             "device": device.type, "real_images_per_s": round(real_rate, 1),
             "in_memory_images_per_s": round(memory_rate, 1), "efficiency": round(efficiency, 3),
             "repeats": repeats}
@@ -106,7 +106,7 @@ def loader_efficiency(cfg: Config, steps: int, repeats: int) -> dict:
 
 def tta_cost(cfg: Config, images_count: int, repeats: int) -> dict:
     backbone = next(iter(cfg.backbones))
-    from pipeline.data import Cache
+    from pipeline.images import Cache
     from pipeline.models import Heads
 
     cache = Cache.open(cfg)
@@ -117,8 +117,9 @@ def tta_cost(cfg: Config, images_count: int, repeats: int) -> dict:
     device = torch.device("cpu")
     compose = tta_transforms(cfg.infer.tta, cfg.data.size_hw)
     views = len(compose) if compose is not None else 1
-    plain = median_time(lambda: predict_views(model, images, indices, None, device, cfg.infer.batch_size), repeats)
-    tta = median_time(lambda: predict_views(model, images, indices, compose, device, cfg.infer.batch_size), repeats)
+    batch_size = cfg.runtime.eval_batch_size
+    plain = median_time(lambda: predict_views(model, images, indices, None, device, batch_size), repeats)
+    tta = median_time(lambda: predict_views(model, images, indices, compose, device, batch_size), repeats)
     return {"backbone": backbone, "tta": cfg.infer.tta, "views": views, "plain_s": round(plain, 3),
             "tta_s": round(tta, 3), "cost_per_view": round(tta / (views * plain), 3)}
 
@@ -185,17 +186,17 @@ def prepare_scaling(small: int, scratch: Path) -> dict:
 def epoch_scaling(cfg: Config, sizes: list[int], repeats: int) -> dict:
     backbone = next(iter(cfg.backbones))
     cfg = cfg.for_backbone(backbone)
-    data = train.load_training_data(cfg)
-    device = resolve_device(cfg.train.device)
+    data = kfold.load_training_data(cfg)
+    device = resolve_device(cfg.runtime.device)
     model = create_model(backbone, data.heads, cfg.data.channels, data.mean, data.std).to(device)
-    optimizer = train.make_optimizer(cfg, model)
-    compute_loss, _ = train.make_loss(cfg, data.heads, data.targets)
+    optimizer = builders.make_optimizer(cfg, model)
+    compute_loss, _ = builders.make_loss(cfg, data.heads, data.targets)
     per_image = {}
-    warm = train.make_train_loader(cfg, data, np.arange(min(sizes[0], len(data.ids))), device, seed=0)
-    batch_augment = train.make_batch_augment(cfg, seed=0)
+    warm = builders.make_train_loader(cfg, data, np.arange(min(sizes[0], len(data.ids))), device, seed=0)
+    batch_augment = builders.make_batch_augment(cfg, seed=0)
     train_one_epoch(model, warm, optimizer, compute_loss, device, state=StepState(), batch_augment=batch_augment,
                     desc="bench warm-up")
-    loaders = {size: train.make_train_loader(cfg, data, np.arange(min(size, len(data.ids))), device, seed=0)
+    loaders = {size: builders.make_train_loader(cfg, data, np.arange(min(size, len(data.ids))), device, seed=0)
                for size in sizes}
     times = {size: [] for size in sizes}
     for _ in range(repeats):  # sizes round-robin, so a slow spell of the machine hits every size alike

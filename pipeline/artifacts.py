@@ -79,14 +79,15 @@ def _remove_stale_temporaries(path: Path) -> None:
     with contextlib.suppress(OSError):
         for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
             match = pattern.fullmatch(leftover.name)
-            if match and not _alive(int(match.group(1))):
+            if match and not process_alive(int(match.group(1))):
                 if leftover.is_dir():
                     shutil.rmtree(leftover, ignore_errors=True)
                 else:
                     leftover.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with that id still runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

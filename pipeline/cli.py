@@ -7,7 +7,7 @@ import os
 import sys
 
 from pipeline.config import Config, load_config
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 
 def run(main, description: str, argv: list[str] | None = None, backbone_option: bool = False):
@@ -26,6 +26,8 @@ def run(main, description: str, argv: list[str] | None = None, backbone_option: 
     try:
         config: Config = load_config(args.config, args.overrides)
         if backbone_option:
+            if args.backbone is not None and args.backbone not in config.backbones:
+                raise ConfigError(f"--backbone {args.backbone} is not in backbones {list(config.backbones)}")
             result = main(config, backbone=args.backbone)
         else:
             result = main(config)

@@ -10,67 +10,105 @@ the key before any stage does work.
 
 from __future__ import annotations
 
-import argparse
-import ast
-import difflib
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError  # noqa: F401 (re-exported: `from pipeline.config import ConfigError`)
+from pipeline.formula import check_formula
+from pipeline.overrides import (  # noqa: F401 (parse_overrides, deep_merge and dump are re-exported)
+    backbone_mapping, check_backbone_overrides, deep_merge, dump, load_model, parse_overrides, run_cli)
 
 
 class Section(BaseModel):
-    # extra="forbid" is what turns a typo into an error instead of a silently ignored key.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid" is what turns a typo into an error instead of a silently ignored key; the string under
+    # each field is its description (pipeline/reference.py writes docs/configuration.md from them).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class Paths(Section):
     """Where outputs go. Everything but ``work_dir`` is relative to ``work_dir``."""
 
     work_dir: str = "work"
+    """Every output goes under this folder."""
     competition: str = "competition"
+    """Where the embedded ELPV competition is built (`data.source: elpv`)."""
     cache: str = "cache"
+    """prepare's image cache: uint8 arrays, index tables, meta.json, stats.json."""
     eda: str = "reports/eda"
+    """eda's report, summary and plots."""
     folds: str = "folds.csv"
+    """folds's table of every training id and its fold."""
+    folds_balance: str = "folds_balance.csv"
+    """folds's table of class counts per fold."""
     tuning: str = "tuning"
+    """tune's study journal and `<backbone>/best_params.yaml`."""
     models: str = "models"
+    """train's checkpoints, `<backbone>/fold<k>/`."""
     oof: str = "oof"
+    """train's out-of-fold probabilities, `<backbone>.parquet`."""
     preds: str = "preds"
+    """infer's test and TTA'd out-of-fold probabilities."""
     metrics: str = "metrics"
+    """train's and submit's metrics JSON for DVC."""
     plots: str = "plots"
+    """Training curves and confusion matrices."""
     ensemble: str = "ensemble"
+    """ensemble's blended probabilities, weights, scores and report."""
     submissions: str = "submissions"
+    """submit's kept submissions, `submission.csv` and `leaderboard.csv`."""
 
 
 class Data(Section):
     """The competition folder and how its images become tensors."""
 
     source: Literal["elpv", "folder"] = "elpv"
+    """`elpv` builds the embedded competition from the elpv-dataset package; `folder` reads `data.dir`."""
     layout: Literal["csv", "subfolders", "mask"] = "csv"
+    """How labels are given: train.csv (`csv`), `train/<class>/` folders (`subfolders`), the mask competition."""
     dir: str | None = None
+    """The competition folder (required with `data.source: folder`)."""
     train_csv: str = "train.csv"
+    """The training table inside the competition folder."""
     train_images: str = "train"
+    """The training images' folder inside the competition folder."""
     test_images: str = "test"
+    """The test images' folder inside the competition folder."""
     sample_submission: str = "sample_submission.csv"
+    """The sample submission: the id order and columns of the submission."""
     solution: str = "solution.csv"
+    """Optional hidden test labels with a Public/Private `Usage` column, read only by submit."""
     id_col: str | None = None
+    """The id column (none: the sample submission's first column)."""
     target_col: str | None = None
+    """The label column (none: the sample submission's second column)."""
     path_col: str | None = None
+    """A column of image paths under `train_images` (none: images are named by id)."""
     group_col: str | None = None
+    """A group column (a person, a patient): makes the folds group-aware."""
     head_cols: list[str] = Field(default_factory=list)
+    """Integer label columns, one classification head each (several heads)."""
     compose: str | None = None
+    """How the heads compose the submitted class, e.g. `a*3 + b` (needs `head_cols`)."""
     aux_cols: list[str] = Field(default_factory=list)
+    """Extra label columns trained as auxiliary heads (not submitted)."""
     image_size: int | list[int] = 96
+    """Cache size: an int or `[height, width]`."""
     channels: Literal[1, 3] = 1
+    """Grayscale (1) or RGB (3) images in the cache."""
     max_train: int | None = Field(default=None, gt=0)
+    """A stratified subsample of this many training images (quick runs)."""
     elpv_size: int | None = Field(default=None, gt=0)
+    """Use only this many ELPV images (quick runs)."""
     elpv_test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """Share of the ELPV images held out as the test set."""
     elpv_seed: int = 0
+    """Seed of the ELPV subsample and train/test/Public split."""
+    max_train_seed: int = 42
+    """Seed of the `data.max_train` subsample."""
     workers: int = Field(default=0, ge=0)
+    """Processes that decode images in prepare (0: min(cores, 8))."""
 
     @field_validator("image_size")
     @classmethod
@@ -104,65 +142,120 @@ class Data(Section):
 
 class Folds(Section):
     n_splits: int = Field(default=5, ge=2)
+    """Number of cross-validation folds (stratified, group-aware with `data.group_col`)."""
     seed: int = 42
+    """Seed of the fold assignment."""
 
 
 class Train(Section):
     """One backbone's k-fold training."""
 
     epochs: int = Field(default=15, ge=1)
+    """Epochs per fold."""
     batch_size: int = Field(default=32, ge=1)
+    """Training batch size."""
     lr: float = Field(default=3e-3, gt=0)
+    """Peak learning rate."""
     weight_decay: float = Field(default=0.05, ge=0)
+    """Weight decay."""
     optimizer: Literal["adamw", "sgd", "adam", "lamb", "adan", "rmsprop"] = "adamw"
+    """The optimizer, built by timm."""
     momentum: float = Field(default=0.9, ge=0, lt=1)
+    """Momentum of `sgd` and `rmsprop`."""
     scheduler: Literal["cosine", "step", "plateau", "onecycle", "none"] = "cosine"
+    """The learning-rate schedule (timm's; `onecycle` is torch's)."""
     warmup_epochs: float = Field(default=1.0, ge=0)
+    """Warm-up length in epochs (not with `plateau`)."""
     step_size: int = Field(default=5, ge=1)
+    """Epochs between decays of the `step` schedule."""
     step_gamma: float = Field(default=0.1, gt=0, le=1)
+    """Decay factor of the `step` schedule."""
     augment: str = "flips"
+    """Augmentation preset: `none`, `flips`, `light`, `heavy`, `face`."""
     mixup: float = Field(default=0.0, ge=0)
+    """timm Mixup alpha (0: off; single-head targets only)."""
     cutmix: float = Field(default=0.0, ge=0)
+    """timm CutMix alpha (0: off; single-head targets only)."""
     mix_prob: float = Field(default=1.0, ge=0, le=1)
+    """Probability that a batch is mixed."""
     pretrained: bool = False
+    """Start from timm's pretrained weights (from the Hugging Face hub)."""
     pretrained_file: str | None = None
+    """A local `.pth`/`.safetensors` state_dict to start from instead."""
     drop_rate: float = Field(default=0.1, ge=0, lt=1)
+    """Dropout before the classifier."""
     drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
+    """Stochastic depth rate (backbones that support it)."""
     freeze_epochs: int = Field(default=0, ge=0)
+    """Train only the heads for this many epochs, then fine-tune everything."""
     backbone_lr_mult: float = Field(default=1.0, gt=0)
+    """The backbone's learning rate as a multiple of `lr`."""
     loss: str = "ce"
+    """Loss: `ce`, `focal`, `f1` or `ce+f1`."""
     label_smoothing: float = Field(default=0.05, ge=0, lt=1)
+    """Label smoothing of the cross-entropy losses."""
     focal_gamma: float = Field(default=2.0, ge=0)
+    """Focusing exponent of the focal loss."""
     focal_alpha: float | list[float] | None = None
+    """Focal loss class weight: one float or one per class."""
     class_weights: bool = False
+    """Weight the loss by class frequency ** -`balance_power`."""
     oversample: bool = True
+    """Draw batches with a class-balanced sampler (weights count ** -`balance_power`)."""
     balance_power: float = Field(default=0.5, ge=0, le=1)
+    """Strength of class balancing: 1 fully balanced, 0.5 square root, 0 natural frequencies."""
     aux_weight: float = Field(default=0.3, ge=0)
+    """Loss weight of each auxiliary head (`data.aux_cols`)."""
     accumulate: int = Field(default=1, ge=1)
+    """Batches per optimizer step (gradient accumulation)."""
     grad_clip: float | None = Field(default=None, gt=0)
-    amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
-    channels_last: bool = True
+    """Clip the gradient norm to this value (none: no clipping)."""
     ema: bool = False
+    """Keep timm's ModelEmaV3 average of the weights and evaluate it."""
     ema_decay: float = Field(default=0.998, gt=0, lt=1)
-    compile: bool = False
-    metric: str = "macro_f1"
+    """Decay of the weight average."""
     patience: int | None = Field(default=None, ge=1)
+    """Stop a fold after this many epochs without improvement (none: never)."""
     seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int | Literal["auto"] = "auto"
+    """Seed of weights, sampling and augmentation (per fold and epoch)."""
     use_tuned: bool = True
+    """Apply `tuning/<backbone>/best_params.yaml` when it exists."""
     folds: list[int] | None = None
+    """Train only these folds (none: all)."""
+
+
+class Runtime(Section):
+    """Where and how models run, shared by train, tune and infer: device, precision, memory layout, loaders."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where models run; `auto`: CUDA when present."""
+    amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
+    """Mixed precision; `auto`: bf16 or fp16 on CUDA, off on the CPU."""
+    channels_last: bool = True
+    """channels_last memory layout (used on CUDA only)."""
+    compile: bool = False
+    """Run the model through torch.compile."""
+    num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes (`auto`: min(cores, 8) on CUDA, 0 on the CPU)."""
+    eval_batch_size: int = Field(default=128, ge=1)
+    """Batch size of evaluation and inference."""
 
 
 class TuneParam(Section):
     """One dimension of the search space."""
 
     type: Literal["float", "int", "categorical"]
+    """The kind of values sampled."""
     low: float | None = None
+    """Lower bound (float and int)."""
     high: float | None = None
+    """Upper bound (float and int)."""
     log: bool = False
+    """Sample on a log scale."""
     step: float | None = None
+    """Step between values (optional)."""
     choices: list[Any] | None = None
+    """The values of a categorical parameter."""
 
     @model_validator(mode="after")
     def _complete(self):
@@ -184,50 +277,73 @@ def _default_space() -> dict[str, TuneParam]:
 
 class Tune(Section):
     enabled: bool = True
+    """Run the search (false: write an empty `best_params.yaml`)."""
     n_trials: int = Field(default=4, ge=0)
+    """Trials added per run (0: no search)."""
     timeout: float | None = Field(default=None, gt=0)
+    """Stop the search after this many seconds (none: no limit)."""
     epochs: int = Field(default=4, ge=1)
+    """Epochs per trial."""
     folds: list[int] = Field(default_factory=lambda: [0])
+    """The folds a trial trains and is scored on."""
     pruner: Literal["median", "hyperband", "wilcoxon", "none"] = "median"
+    """The Optuna pruner that stops unpromising trials early."""
     storage: str | None = None
+    """Optuna storage URL, e.g. PostgreSQL (none: a journal file under `paths.tuning`)."""
     seed: int = 0
+    """Seed of the TPE sampler."""
     max_train: int | None = Field(default=None, gt=0)
+    """Train trials on a subsample of this many images (none: all)."""
     min_gain: float = Field(default=0.02, ge=0)
+    """The best trial replaces the untuned values only if it beats them by this much of the metric."""
     space: dict[str, TuneParam] = Field(default_factory=_default_space)
+    """The search space: `train.*` key -> its range."""
     heartbeat: int = Field(default=60, ge=1)
+    """Seconds between a database worker's heartbeats; a dead worker's trial fails after two."""
 
 
 class Infer(Section):
     tta: list[str] = Field(default_factory=lambda: ["hflip", "vflip"])
+    """ttach views, combined: `hflip`, `vflip`, `rotate90`, `multiscale`, `brightness`."""
     merge: Literal["mean", "gmean"] = "mean"
-    batch_size: int = Field(default=128, ge=1)
+    """How TTA views are merged: arithmetic (`mean`) or geometric (`gmean`) mean of probabilities."""
     checkpoint: Literal["best", "last"] = "best"
+    """Which checkpoint of each fold predicts."""
 
 
 class Ensemble(Section):
     method: str = "auto"
+    """The method that makes the submission, or `auto`: the best on OOF."""
     methods: list[str] = Field(
         default_factory=lambda: ["soft", "weighted", "hard", "geometric", "rank", "caruana", "stacking"])
+    """Methods scored on OOF: `soft`, `weighted`, `hard`, `geometric`, `rank`, `caruana`, `stacking`."""
     class_offsets: bool = False
+    """Fit per-class logit offsets for the metric on OOF and apply them to test."""
 
 
 class Submit(Section):
     kind: Literal["label", "proba"] = "label"
+    """Submit the class (`label`) or one probability column per class (`proba`)."""
     upload: bool = False
+    """Upload the file with the Kaggle CLI."""
     competition: str | None = None
+    """The Kaggle competition to upload to."""
     message: str = "pipeline submission"
+    """The Kaggle submission message."""
 
 
 class Config(Section):
     paths: Paths = Field(default_factory=Paths)
     data: Data = Field(default_factory=Data)
+    metric: str = "macro_f1"
+    """The metric every stage uses: `macro_f1`, `accuracy`, `weighted_f1`, `balanced_accuracy`, `qwk`, `log_loss`."""
     folds: Folds = Field(default_factory=Folds)
-    # Backbone name -> its own train overrides ({} for none). A plain list of names is accepted too.
-    # A mapping lets DVC track each backbone's parameters apart (`backbones.<name>`), so changing
-    # one re-runs that backbone's stages only.
+    # A mapping lets DVC track each backbone's parameters apart (`backbones.<name>`): changing one re-runs its stages.
     backbones: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"lcnet_050": {"lr": 0.006}, "mobilenetv3_small_050": {}})
+    """timm backbones to train and ensemble: name -> its own `train.*` overrides ({} for none), or a list of names."""
     train: Train = Field(default_factory=Train)
+    runtime: Runtime = Field(default_factory=Runtime)
     tune: Tune = Field(default_factory=Tune)
     infer: Infer = Field(default_factory=Infer)
     ensemble: Ensemble = Field(default_factory=Ensemble)
@@ -236,41 +352,25 @@ class Config(Section):
     @field_validator("backbones", mode="before")
     @classmethod
     def _backbone_mapping(cls, value):
-        if isinstance(value, list):
-            names = [str(v) for v in value]
-            if len(set(names)) != len(names):
-                raise ValueError("a backbone is listed twice")
-            value = {name: {} for name in names}
-        if not value:
-            raise ValueError("list at least one timm backbone")
-        if isinstance(value, dict):
-            value = {name: overrides or {} for name, overrides in value.items()}
-        return value
+        return backbone_mapping(value)
 
     @model_validator(mode="after")
     def _backbone_overrides_are_train_keys(self):
-        for name, overrides in self.backbones.items():
-            unknown = [key for key in overrides if key not in Train.model_fields]
-            if unknown:
-                close = difflib.get_close_matches(unknown[0], list(Train.model_fields), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"backbones.{name} sets unknown train key(s) {unknown}{hint} "
-                                 f"(valid: {', '.join(Train.model_fields)})")
-            try:
-                Train.model_validate({**self.train.model_dump(), **overrides})
-            except ValidationError as error:
-                first = error.errors()[0]
-                raise ValueError(f"backbones.{name}.{first['loc'][0]}: {first['msg']}") from None
+        check_backbone_overrides(self.backbones, self.train)
         return self
+
+    def with_train(self, values: dict) -> Config:
+        """A copy with ``train.<key> = value`` for each item: the one way backbone overrides, tuned values
+        and Optuna trial values are layered onto the training settings (raises pydantic's ValidationError)."""
+        if not values:
+            return self
+        data = self.model_dump()
+        data["train"].update(values)
+        return Config.model_validate(data)
 
     def for_backbone(self, name: str) -> Config:
         """This config with ``backbones.<name>``'s train overrides applied."""
-        overrides = self.backbones.get(name) or {}
-        if not overrides:
-            return self
-        data = self.model_dump()
-        data["train"].update(overrides)
-        return Config.model_validate(data)
+        return self.with_train(self.backbones.get(name) or {})
 
     def path(self, name: str) -> Path:
         """An output path from the ``paths`` section, resolved under the work directory."""
@@ -278,127 +378,16 @@ class Config(Section):
         return work_dir if name == "work_dir" else work_dir / getattr(self.paths, name)
 
 
-# ---------------------------------------------------------------- formula for composed heads
-
-_ALLOWED_NODES = (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Name, ast.Load,
-                  ast.Constant, ast.FloorDiv, ast.Mod)
-
-
-def check_formula(formula: str) -> set[str]:
-    """Parse an integer formula such as ``mask*6 + gender*3 + age``; return its names."""
-    try:
-        tree = ast.parse(formula, mode="eval")
-    except SyntaxError as error:
-        raise ValueError(f"cannot parse formula {formula!r}: {error.msg}") from None
-    for node in ast.walk(tree):
-        if not isinstance(node, _ALLOWED_NODES):
-            raise ValueError(f"formula {formula!r} may use only names, integers, + - * // %")
-    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
-
-
-def eval_formula(formula: str, values: dict[str, int]) -> int:
-    """Evaluate a checked formula on integer head values."""
-    check_formula(formula)
-    return int(eval(compile(formula, "<compose>", "eval"), {"__builtins__": {}}, dict(values)))
-
-
-# ---------------------------------------------------------------- loading
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """``["train.lr=1e-3", "backbones=[a,b]"]`` -> a nested dict, values parsed as YAML."""
-    nested: dict = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
-        node[parts[-1]] = value
-    return nested
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "space":
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _valid_keys(model: type[BaseModel], location: tuple) -> list[str]:
-    for part in location[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None) if field else None
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            return []
-    return list(model.model_fields)
-
-
-def _explain(error: ValidationError, source: str) -> ConfigError:
-    lines = []
-    for item in error.errors():
-        location = tuple(p for p in item["loc"] if not str(p).startswith(("function-", "literal[")))
-        key = ".".join(str(p) for p in location) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            valid = _valid_keys(Config, location)
-            close = difflib.get_close_matches(str(location[-1]), valid, n=1)
-            hint = f"; did you mean '{'.'.join([*map(str, location[:-1]), close[0]])}'?" if close else ""
-            lines.append(f"unknown key '{key}'{hint} (valid keys here: {', '.join(valid)})")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"'{key}': {message} (got {item.get('input')!r})")
-    return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
-
+# ---------------------------------------------------------------- loading (the machinery: pipeline/overrides.py)
 
 def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | tuple = ()) -> Config:
     """Read a YAML config (None: the defaults), apply dotted overrides, validate."""
-    raw: dict = {}
-    source = "(defaults)"
-    if path is not None:
-        source = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-    raw = deep_merge(raw, parse_overrides(list(overrides)))
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as error:
-        raise _explain(error, source) from None
-
-
-def dump(config: Config) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json", exclude_none=False), sort_keys=False)
+    return load_model(Config, path, overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Validate a config and print it resolved.")
-    parser.add_argument("--config", default="params.yaml")
-    parser.add_argument("--dump", action="store_true", help="print the defaults (for params.yaml)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(None if args.dump else args.config, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(dump(config), end="")
+    """Validate a config and print it resolved; ``--dump`` prints the defaults (params.yaml)."""
+    run_cli(load_config, argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from pipeline.errors import PipelineError
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("train.device is 'cuda' but no CUDA device is available; use train.device=auto")
+        raise PipelineError("runtime.device is 'cuda' but no CUDA device is available; use runtime.device=auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -32,7 +31,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":
-        raise PipelineError("train.amp=fp16 needs CUDA; on the CPU use train.amp=bf16 or off")
+        raise PipelineError("runtime.amp=fp16 needs CUDA; on the CPU use runtime.amp=bf16 or off")
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
@@ -85,7 +84,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, compute_loss, device: t
             loss = compute_loss(logits, targets)
         if not torch.isfinite(loss):
             raise PipelineError(f"the loss became {loss.item()} at step {step} ({desc}): lower train.lr, "
-                                f"set train.grad_clip (e.g. 1.0) or train.amp=off")
+                                f"set train.grad_clip (e.g. 1.0) or runtime.amp=off")
         (scaler.scale(loss / accumulate) if scaler else loss / accumulate).backward()
         last_step = step + 1 == steps
         if (step + 1) % accumulate == 0 or last_step:
@@ -133,7 +132,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-
-
-def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
-    return int(math.ceil(epochs * steps_per_epoch))

@@ -10,10 +10,10 @@ Writes: ``paths.ensemble``/ oof.parquet (id, fold, classes), test.parquet (id, c
         model's and method's OOF score), correlation.png (the members' OOF correlation).
 
 Every method of ``ensemble.methods`` runs on the same members, aligned by id, and is scored on
-OOF with ``train.metric``, accuracy and log loss next to every single model. ``ensemble.method:
+OOF with ``metric``, accuracy and log loss next to every single model. ``ensemble.method:
 auto`` takes the best OOF score; test labels are never read here. With one backbone the
 ensemble is that model. ``ensemble.class_offsets`` then shifts per-class log-probabilities fit on
-the chosen OOF. The math lives in ``pipeline.ensembling``; this module only reads, checks, writes.
+the chosen OOF. The math lives in ``pipeline.voting`` and ``pipeline.blending``; this module only reads, checks, writes.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import cli, ensembling, metrics
+from pipeline import blending, cli, layout, metrics
 from pipeline.artifacts import (
     probability_table,
-    read_table,
     read_text_csv,
     save_figure,
     write_csv,
@@ -36,71 +35,23 @@ from pipeline.artifacts import (
     write_parquet,
     write_text,
 )
+from pipeline.competition import encode_labels
 from pipeline.config import Config
-from pipeline.data import Cache, encode_labels, slug
 from pipeline.errors import ConfigError, DataError
-from pipeline.folds import read_folds
+from pipeline.images import Cache
+from pipeline.tables import check_same_ids, describe_ids, read_folds, read_probabilities
 
-# Probabilities written as float32 by a GPU stage sum to 1 only up to ~1e-6; 1e-4 still catches
-# a table that was never normalised (logits, or a missing class column).
-ROW_SUM_TOLERANCE = 1e-4
 SINGLE = "single"
 
 
 # ---------------------------------------------------------------- reading and checking
 
-def describe_ids(ids) -> str:
-    """The first 10 ids and a count, for error messages."""
-    ids = [str(i) for i in ids]
-    return f"{len(ids)} id(s) [{', '.join(ids[:10])}{', ...' if len(ids) > 10 else ''}]"
-
-
-def read_probabilities(path: Path, what: str, class_names: list[str], reference: Path, with_fold: bool) -> pd.DataFrame:
-    """A probability table checked against the contract -> id (str), [fold], class columns in class order.
-
-    ``reference`` is the file whose class columns this one must have (the first member's, or
-    the cache's meta.json for the first member), named in the error with this file.
-    """
-    frame = read_table(path, what)
-    keys = ["id", "fold"] if with_fold else ["id"]
-    missing = [c for c in keys if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path} has no column(s) {missing}; its columns are {list(frame.columns)}")
-    columns = [str(c) for c in frame.columns if c not in keys]
-    if sorted(columns) != sorted(class_names):
-        raise DataError(f"{path} and {reference} have different class columns: "
-                        f"{path.name} has {columns}, {reference.name} has {class_names}")
-    frame.columns = [str(c) for c in frame.columns]
-    frame["id"] = frame["id"].astype(str)
-    duplicated = frame.loc[frame["id"].duplicated(), "id"]
-    if len(duplicated):
-        raise DataError(f"{path} lists {describe_ids(duplicated.unique())} more than once")
-    values = frame[class_names].to_numpy(dtype=float)
-    bad = ~np.isfinite(values).all(axis=1)
-    if bad.any():
-        raise DataError(f"{path} has NaN or infinite probabilities for {describe_ids(frame['id'][bad])}")
-    off = np.abs(values.sum(axis=1) - 1.0) > ROW_SUM_TOLERANCE
-    if off.any():
-        raise DataError(f"{path}: rows do not sum to 1 for {describe_ids(frame['id'][off])} "
-                        f"(e.g. {values[off][0].sum():.6f}); re-run the stage that wrote it")
-    return frame[keys + class_names]
-
-
-def check_same_ids(ids, reference_ids, path: Path, reference: Path, fix: str = "") -> None:
-    """Raise a DataError naming both files and the ids only one of them holds; ``fix`` says what to re-run."""
-    ids, reference_ids = set(ids), set(reference_ids)
-    if ids != reference_ids:
-        only = [f"{describe_ids(sorted(extra))} only in {where.name}"
-                for extra, where in ((ids - reference_ids, path), (reference_ids - ids, reference)) if extra]
-        raise DataError(f"{path} and {reference} hold different ids: {', '.join(only)}" + (f"; {fix}" if fix else ""))
-
-
 def oof_path(cfg: Config, backbone: str) -> tuple[Path, str]:
     """infer's TTA'd OOF when it exists (it matches the test predictions), else train's OOF."""
-    tta = cfg.path("preds") / f"{slug(backbone)}_oof.parquet"
+    tta = layout.preds_oof_file(cfg, backbone)
     if tta.exists():
         return tta, "infer (TTA)"
-    return cfg.path("oof") / f"{slug(backbone)}.parquet", "train (no TTA)"
+    return layout.oof_file(cfg, backbone), "train (no TTA)"
 
 
 @dataclass
@@ -121,18 +72,18 @@ def load_members(cfg: Config, cache: Cache) -> Members:
     """Read, check and align every backbone's OOF and test tables; every problem names its files."""
     class_names = list(cache.class_names)
     folds = read_folds(cfg)
-    sample_path = cfg.path("cache") / "sample_submission.csv"
+    sample_path = cache.folder / layout.CACHE_SAMPLE_SUBMISSION
     sample = read_text_csv(sample_path, "sample submission", "prepare")
     id_col = cache.meta["id_col"]
     if id_col not in sample.columns:
         raise DataError(f"{sample_path} has no id column {id_col!r}: re-run prepare")
     sample_ids = sample[id_col].tolist()
     oof_frames, test_frames, sources = [], [], {}
-    reference_oof = reference_test = cache.folder / "meta.json"
+    reference_oof = reference_test = cache.folder / layout.CACHE_META
     for backbone in cfg.backbones:
         path, origin = oof_path(cfg, backbone)
         oof = read_probabilities(path, f"OOF of {backbone}", class_names, reference_oof, with_fold=True)
-        test_path = cfg.path("preds") / f"{slug(backbone)}.parquet"
+        test_path = layout.preds_file(cfg, backbone)
         test = read_probabilities(test_path, f"test predictions of {backbone} (run infer)", class_names,
                                   reference_test, with_fold=False)
         if oof_frames:
@@ -144,27 +95,27 @@ def load_members(cfg: Config, cache: Cache) -> Members:
                            "re-run infer (it predates the current image cache)")
         unknown = sorted(set(oof["id"]) - set(folds["id"]))
         if unknown:
-            raise DataError(f"{path} holds {describe_ids(unknown)} that are not in {cfg.path('folds')}: "
+            raise DataError(f"{path} holds {describe_ids(unknown)} that are not in {layout.folds_file(cfg)}: "
                             f"re-run train/infer after the folds stage")
         fold_of = dict(zip(folds["id"], folds["fold"]))
         moved = oof["id"][oof["fold"].astype(int).to_numpy() != oof["id"].map(fold_of).to_numpy()]
         if len(moved):
-            raise DataError(f"{path} puts {describe_ids(moved)} in other folds than {cfg.path('folds')}: "
+            raise DataError(f"{path} puts {describe_ids(moved)} in other folds than {layout.folds_file(cfg)}: "
                             f"it is stale, re-run train/infer")
         if not oof_frames:  # every later member is compared with the first one
             reference_oof, reference_test = path, test_path
         oof_frames.append(oof)
         test_frames.append(test)
         # Relative to the work dir, so weights.json reads the same on every machine.
-        sources[backbone] = f"{path.relative_to(cfg.path('work_dir'))} ({origin})"
+        sources[backbone] = f"{path.relative_to(layout.work_dir(cfg))} ({origin})"
     rows = folds[folds["id"].isin(set(oof_frames[0]["id"]))]
     if len(rows) < len(folds):
-        print(f"ensemble: the OOF covers {len(rows)} of the {len(folds)} training images in {cfg.path('folds')}",
+        print(f"ensemble: the OOF covers {len(rows)} of the {len(folds)} training images in {layout.folds_file(cfg)}",
               file=sys.stderr)
     ids = rows["id"].to_numpy()
     return Members(
         names=list(cfg.backbones), sources=sources, ids=ids, folds=rows["fold"].to_numpy(),
-        y_true=encode_labels(rows["label"], class_names, str(cfg.path("folds"))),
+        y_true=encode_labels(rows["label"], class_names, str(layout.folds_file(cfg))),
         oof=np.stack([f.set_index("id").loc[ids, class_names].to_numpy(float) for f in oof_frames]),
         test_ids=np.asarray(sample_ids),
         test=np.stack([f.set_index("id").loc[sample_ids, class_names].to_numpy(float) for f in test_frames]))
@@ -174,14 +125,14 @@ def load_members(cfg: Config, cache: Cache) -> Members:
 
 def check_methods(cfg: Config) -> list[str]:
     """The methods to run (``ensemble.methods`` plus a fixed ``ensemble.method``); names checked first."""
-    valid = ", ".join(ensembling.METHODS)
-    unknown = [m for m in cfg.ensemble.methods if m not in ensembling.METHODS]
+    valid = ", ".join(blending.METHODS)
+    unknown = [m for m in cfg.ensemble.methods if m not in blending.METHODS]
     if unknown:
         raise ConfigError(f"ensemble.methods {unknown} are unknown; valid methods: {valid}")
-    if cfg.ensemble.method != "auto" and cfg.ensemble.method not in ensembling.METHODS:
+    if cfg.ensemble.method != "auto" and cfg.ensemble.method not in blending.METHODS:
         raise ConfigError(f"ensemble.method {cfg.ensemble.method!r} is unknown; valid: auto, {valid}")
-    if cfg.train.metric not in metrics.METRICS:
-        raise ConfigError(f"train.metric {cfg.train.metric!r} is unknown; valid: {', '.join(metrics.METRICS)}")
+    if cfg.metric not in metrics.METRICS:
+        raise ConfigError(f"metric {cfg.metric!r} is unknown; valid: {', '.join(metrics.METRICS)}")
     fixed = [] if cfg.ensemble.method == "auto" else [cfg.ensemble.method]
     names = list(dict.fromkeys([*cfg.ensemble.methods, *fixed]))
     if not names:
@@ -199,7 +150,7 @@ def run_methods(names: list[str], members: Members, metric: str) -> dict[str, di
     """Each method's {"oof", "test", "weights"}; with one member only the model itself."""
     if len(members.names) == 1:
         return {SINGLE: {"oof": members.oof[0], "test": members.test[0], "weights": [1.0]}}
-    return {name: ensembling.run_method(name, members.oof, members.y_true, members.folds, members.test, metric)
+    return {name: blending.run_method(name, members.oof, members.y_true, members.folds, members.test, metric)
             for name in names}
 
 
@@ -208,7 +159,7 @@ def choose(cfg: Config, results: dict, method_scores: dict) -> str:
         return SINGLE
     if cfg.ensemble.method != "auto":
         return cfg.ensemble.method
-    return ensembling.select_best(method_scores, cfg.train.metric)
+    return blending.select_best(method_scores, cfg.metric)
 
 
 def format_weights(names: list[str], weights) -> str:
@@ -304,15 +255,15 @@ def score_table(members: Members, results: dict, metric: str) -> pd.DataFrame:
 
 def apply_offsets(cfg: Config, members: Members, chosen: str, result: dict, class_names: list[str]) -> Choice:
     """The chosen method's output, with per-class offsets fit on its OOF when ``ensemble.class_offsets``."""
-    metric, y_true = cfg.train.metric, members.y_true
+    metric, y_true = cfg.metric, members.y_true
     before = metrics.score(metric, y_true, result["oof"])
     choice = Choice(chosen, chosen, result["oof"], result["test"], result["weights"], None, before)
     if not cfg.ensemble.class_offsets:
         return choice
-    offsets = ensembling.fit_class_offsets(result["oof"], y_true, metric)
+    offsets = blending.fit_class_offsets(result["oof"], y_true, metric)
     choice.method, choice.offsets = f"{chosen}+offsets", offsets
-    choice.oof = ensembling.apply_class_offsets(result["oof"], offsets)
-    choice.test = ensembling.apply_class_offsets(result["test"], offsets)
+    choice.oof = blending.apply_class_offsets(result["oof"], offsets)
+    choice.test = blending.apply_class_offsets(result["test"], offsets)
     choice.offsets_note = (
         f"Class offsets {dict(zip(class_names, np.round(offsets, 3).tolist()))}: OOF {metric} {before:.4f} "
         f"before, {metrics.score(metric, y_true, choice.oof):.4f} after. They are fit on this same OOF, "
@@ -339,20 +290,20 @@ def summarise(table: pd.DataFrame, choice: Choice, members: Members, metric: str
 
 def write_outputs(cfg: Config, members: Members, choice: Choice, table: pd.DataFrame, scores: dict,
                   class_names: list[str]) -> None:
-    out = cfg.path("ensemble")
-    write_parquet(out / "oof.parquet", probability_table(members.ids, choice.oof, class_names, members.folds))
-    write_parquet(out / "test.parquet", probability_table(members.test_ids, choice.test, class_names))
-    write_json(out / "weights.json", {
+    out = layout.ensemble_dir(cfg)
+    write_parquet(out / layout.ENSEMBLE_OOF, probability_table(members.ids, choice.oof, class_names, members.folds))
+    write_parquet(out / layout.ENSEMBLE_TEST, probability_table(members.test_ids, choice.test, class_names))
+    write_json(out / layout.ENSEMBLE_WEIGHTS, {
         "method": choice.method, "base_method": choice.base_method,
-        "selection": "auto" if cfg.ensemble.method == "auto" else "fixed", "metric": cfg.train.metric,
+        "selection": "auto" if cfg.ensemble.method == "auto" else "fixed", "metric": cfg.metric,
         "members": members.names,
         "weights": None if choice.weights is None else dict(zip(members.names, choice.weights)),
         "class_offsets": None if choice.offsets is None else dict(zip(class_names, choice.offsets.tolist())),
         "oof_sources": members.sources})
-    write_json(out / "scores.json", scores)
-    write_csv(out / "report.csv", table)
-    save_figure(out / "correlation.png", correlation_figure(members))
-    write_text(out / "report.md", report_markdown(table, scores, members, cfg, choice.offsets_note))
+    write_json(out / layout.ENSEMBLE_SCORES, scores)
+    write_csv(out / layout.ENSEMBLE_TABLE, table)
+    save_figure(out / layout.ENSEMBLE_CORRELATION, correlation_figure(members))
+    write_text(out / layout.ENSEMBLE_REPORT, report_markdown(table, scores, members, cfg, choice.offsets_note))
 
 
 def main(cfg: Config) -> dict:
@@ -360,17 +311,17 @@ def main(cfg: Config) -> dict:
     cache = Cache.open(cfg)
     class_names = list(cache.class_names)
     members = load_members(cfg, cache)
-    results = run_methods(method_names, members, cfg.train.metric)
-    table = score_table(members, results, cfg.train.metric)
+    results = run_methods(method_names, members, cfg.metric)
+    table = score_table(members, results, cfg.metric)
     methods = table[table["kind"] == "method"]
-    chosen = choose(cfg, results, dict(zip(methods["name"], methods[cfg.train.metric])))
+    chosen = choose(cfg, results, dict(zip(methods["name"], methods[cfg.metric])))
     table.loc[(table["kind"] == "method") & (table["name"] == chosen), "selected"] = "chosen"
     choice = apply_offsets(cfg, members, chosen, results[chosen], class_names)
     if choice.offsets is not None:
-        row = {"name": choice.method, "kind": "offsets", **score_row(cfg.train.metric, members.y_true, choice.oof),
+        row = {"name": choice.method, "kind": "offsets", **score_row(cfg.metric, members.y_true, choice.oof),
                "weights": "", "selected": "final"}
         table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
-    scores = summarise(table, choice, members, cfg.train.metric)
+    scores = summarise(table, choice, members, cfg.metric)
     write_outputs(cfg, members, choice, table, scores, class_names)
 
     sources = "\n  ".join(f"{n}: {s}" for n, s in members.sources.items())

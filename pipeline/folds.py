@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from pipeline import cli
-from pipeline.artifacts import read_table, read_text_csv, write_csv
+from pipeline import cli, layout
+from pipeline.artifacts import read_table, write_csv
 from pipeline.config import Config
 from pipeline.errors import DataError
 
@@ -55,29 +55,15 @@ def balance_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def read_folds(cfg: Config) -> pd.DataFrame:
-    """folds.csv with ids and labels as their exact text and integer folds."""
-    path = cfg.path("folds")
-    folds = read_text_csv(path, "folds file", "the folds stage")
-    missing = [c for c in ("id", "label", "fold") if c not in folds.columns]
-    if missing:
-        raise DataError(f"{path} has no column(s) {missing}: re-run the folds stage")
-    try:
-        folds["fold"] = folds["fold"].astype(int)
-    except ValueError:
-        raise DataError(f"{path} has a non-integer fold: re-run the folds stage") from None
-    return folds
-
-
 def main(cfg: Config) -> dict:
-    train = read_table(cfg.path("cache") / "train.parquet", "image cache index", "prepare")
+    train = read_table(layout.cache_index(cfg, "train"), "image cache index", "prepare")
     groups = train["group"].to_numpy() if "group" in train.columns else None
     folds = assign_folds(train["target"], cfg.folds.n_splits, cfg.folds.seed, groups)
     frame = pd.DataFrame({"id": train["id"], "label": train["target"],
                           "group": groups if groups is not None else train["id"], "fold": folds})
     table = balance_table(frame)
-    write_csv(cfg.path("folds"), frame)
-    write_csv(cfg.path("folds").with_name(cfg.path("folds").stem + "_balance.csv"), table.reset_index())
+    write_csv(layout.folds_file(cfg), frame)
+    write_csv(layout.folds_balance_file(cfg), table.reset_index())
     kind = "StratifiedGroupKFold" if groups is not None else "StratifiedKFold"
     print(f"folds: {kind}, {cfg.folds.n_splits} folds, seed {cfg.folds.seed}\n{table.to_string()}", file=sys.stderr)
     return {"n_splits": cfg.folds.n_splits, "sizes": frame["fold"].value_counts().sort_index().tolist()}

@@ -20,14 +20,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import cli, metrics
+from pipeline import cli, layout, metrics
 from pipeline.artifacts import probability_table, write_csv, write_parquet
+from pipeline.checkpoints import load_checkpoint
+from pipeline.competition import encode_labels
 from pipeline.config import Config
-from pipeline.data import Cache, ImageDataset, encode_labels, slug
 from pipeline.engine import autocast, autocast_dtype, resolve_device, to_device
 from pipeline.errors import ConfigError, DataError
-from pipeline.folds import read_folds
+from pipeline.images import Cache, ImageDataset
 from pipeline.models import Heads, ProbabilityModel, create_model
+from pipeline.tables import read_folds
 
 
 def tta_transforms(names: list[str], size_hw: tuple[int, int]):
@@ -93,8 +95,6 @@ def merge_views(view_proba: np.ndarray, mode: str) -> np.ndarray:
 
 def load_fold_model(path, class_names: list[str], device) -> tuple[ProbabilityModel, dict]:
     """Rebuild a fold's model from its checkpoint alone (backbone, heads, channels, normalisation)."""
-    from pipeline.train import load_checkpoint
-
     checkpoint = load_checkpoint(path)
     heads = Heads.from_dict(checkpoint["heads"])
     if heads.class_names != class_names:
@@ -110,8 +110,8 @@ def load_fold_model(path, class_names: list[str], device) -> tuple[ProbabilityMo
 
 def infer_backbone(cfg: Config, backbone: str) -> dict:
     cfg = cfg.for_backbone(backbone)
-    device = resolve_device(cfg.train.device)
-    amp = autocast_dtype(cfg.train.amp, device)
+    device = resolve_device(cfg.runtime.device)
+    amp = autocast_dtype(cfg.runtime.amp, device)
     cache = Cache.open(cfg)
     compose = tta_transforms(cfg.infer.tta, cfg.data.size_hw)
     names = view_names(compose, cfg.infer.tta)
@@ -121,49 +121,47 @@ def infer_backbone(cfg: Config, backbone: str) -> dict:
     train_ids = train_table["id"].astype(str).to_numpy()
     fold_column = np.array([fold_of.get(i, -1) for i in train_ids])
     labels = encode_labels(train_table["target"], cache.class_names, "the cache")
-    model_dir = cfg.path("models") / slug(backbone)
+    model_dir = layout.model_dir(cfg, backbone)
     fold_dirs = sorted(model_dir.glob("fold*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
     if not fold_dirs:
         raise DataError(f"no trained folds in {model_dir}: run train for {backbone} first")
     test_images, train_images = cache.images("test"), cache.images("train")
     test_sum = np.zeros((len(names), len(test_table), len(cache.class_names)))
     oof_views = np.full((len(names), len(train_ids), len(cache.class_names)), np.nan)
-    channels_last = cfg.train.channels_last and device.type == "cuda"
+    channels_last = cfg.runtime.channels_last and device.type == "cuda"
+    batch_size = cfg.runtime.eval_batch_size
     for fold_dir in fold_dirs:
         fold = int(fold_dir.name[4:])
-        model, _ = load_fold_model(fold_dir / f"{cfg.infer.checkpoint}.pt", cache.class_names, device)
+        model, _ = load_fold_model(fold_dir / layout.checkpoint_name(cfg.infer.checkpoint), cache.class_names, device)
         validation = np.flatnonzero(fold_column == fold)
         print(f"[{backbone}] fold {fold}: {len(names)} TTA view(s) on {len(validation)} validation and "
               f"{len(test_table)} test images", file=sys.stderr)
         oof_views[:, validation] = predict_views(model, train_images, validation, compose, device,
-                                                 cfg.infer.batch_size, amp, channels_last, f"[{backbone}] oof {fold}")
+                                                 batch_size, amp, channels_last, f"[{backbone}] oof {fold}")
         test_sum += predict_views(model, test_images, np.arange(len(test_table)), compose, device,
-                                  cfg.infer.batch_size, amp, channels_last, f"[{backbone}] test {fold}")
+                                  batch_size, amp, channels_last, f"[{backbone}] test {fold}")
     covered = ~np.isnan(oof_views[0, :, 0])
     test_proba = merge_views(test_sum / len(fold_dirs), cfg.infer.merge)
     oof_proba = merge_views(oof_views[:, covered], cfg.infer.merge)
     y_true = labels[covered]
-    metric = cfg.train.metric
+    metric = cfg.metric
     view_table = pd.DataFrame({
         "view": names + [f"merged ({cfg.infer.merge})"],
         metric: [metrics.score(metric, y_true, v / v.sum(1, keepdims=True)) for v in oof_views[:, covered]]
         + [metrics.score(metric, y_true, oof_proba)],
         "log_loss": [metrics.score("log_loss", y_true, v) for v in oof_views[:, covered]]
         + [metrics.score("log_loss", y_true, oof_proba)]})
-    preds = cfg.path("preds")
-    write_parquet(preds / f"{slug(backbone)}.parquet",
+    write_parquet(layout.preds_file(cfg, backbone),
                   probability_table(test_table["id"].astype(str), test_proba, cache.class_names))
-    write_parquet(preds / f"{slug(backbone)}_oof.parquet",
+    write_parquet(layout.preds_oof_file(cfg, backbone),
                   probability_table(train_ids[covered], oof_proba, cache.class_names, fold_column[covered]))
-    write_csv(preds / f"{slug(backbone)}_tta.csv", view_table)
+    write_csv(layout.tta_file(cfg, backbone), view_table)
     print(f"[{backbone}] TTA views on OOF ({metric}):\n{view_table.to_string(index=False)}", file=sys.stderr)
     return {"backbone": backbone, "views": len(names), "oof_" + metric: float(view_table[metric].iloc[-1]),
             "plain_" + metric: float(view_table[metric].iloc[0])}
 
 
 def main(cfg: Config, backbone: str | None = None) -> dict:
-    if backbone and backbone not in cfg.backbones:
-        raise ConfigError(f"--backbone {backbone} is not in backbones {list(cfg.backbones)}")
     tta_transforms(cfg.infer.tta, cfg.data.size_hw)  # a typo fails before any model is loaded
     return {name: infer_backbone(cfg, name) for name in ([backbone] if backbone else cfg.backbones)}
 

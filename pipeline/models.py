@@ -14,11 +14,10 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import eval_formula
+from pipeline.formula import eval_formula
 from pipeline.errors import ConfigError, PipelineError
 
 
@@ -59,10 +58,6 @@ class Heads:
     @property
     def sizes(self) -> list[int]:
         return [len(names) for _, names in self.heads + self.aux]
-
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _ in self.heads + self.aux]
 
     def split(self, logits: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(logits, self.sizes, dim=1))
@@ -175,7 +170,3 @@ def set_backbone_frozen(model: Classifier, frozen: bool) -> None:
     head = {id(p) for p in classifier_parameters(model)}
     for parameter in model.parameters():
         parameter.requires_grad = (id(parameter) in head) or not frozen
-
-
-def count_parameters(model: nn.Module) -> int:
-    return int(sum(np.prod(p.shape) for p in model.parameters()))

@@ -31,11 +31,12 @@ from multiprocessing import active_children, get_context
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import cli
+from pipeline import cli, layout
 from pipeline.artifacts import atomic_dir, write_json
 from pipeline.config import Config
-from pipeline.data import Competition, read_competition, try_load_image
+from pipeline.competition import Competition, read_competition
 from pipeline.errors import DataError, PipelineError
+from pipeline.images import try_load_image
 
 CACHE_VERSION = 1
 
@@ -136,13 +137,13 @@ def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, de
 
 def main(cfg: Config) -> dict:
     competition = read_competition(cfg)
-    cache_dir = cfg.path("cache")
+    cache_dir = layout.cache_dir(cfg)
     key = fingerprint(cfg, competition)
-    meta_path = cache_dir / "meta.json"
+    meta_path = cache_dir / layout.CACHE_META
     if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == key:
         print(f"prepare: the cache in {cache_dir} is up to date ({len(competition.train)} train, "
               f"{len(competition.test)} test images)", file=sys.stderr)
-        return json.loads((cache_dir / "stats.json").read_text())
+        return json.loads((cache_dir / layout.CACHE_STATS).read_text())
 
     workers = cfg.data.workers or min(os.cpu_count() or 1, 8)
     started = time.perf_counter()
@@ -151,7 +152,8 @@ def main(cfg: Config) -> dict:
         failures, total, squares = [], np.zeros(channels), np.zeros(channels)
         for split, frame in (("train", competition.train), ("test", competition.test)):
             problems, split_total, split_squares = decode_split(
-                list(frame["path"]), cfg.data.size_hw, channels, folder / f"{split}.npy", workers, f"prepare {split}")
+                list(frame["path"]), cfg.data.size_hw, channels, folder / layout.cache_images_name(split), workers,
+                f"prepare {split}")
             failures += problems
             if split == "train":
                 total, squares = split_total, split_squares
@@ -167,7 +169,7 @@ def main(cfg: Config) -> dict:
         for split, frame in (("train", competition.train), ("test", competition.test)):
             table = frame.copy()
             table["path"] = table["path"].astype(str)
-            table.to_parquet(folder / f"{split}.parquet", index=False)
+            table.to_parquet(folder / layout.cache_index_name(split), index=False)
         meta = {"fingerprint": key, "size_hw": list(cfg.data.size_hw), "channels": channels,
                 "class_names": competition.class_names, "heads": competition.heads, "aux": competition.aux,
                 "compose": competition.compose, "id_col": competition.id_col, "target_col": competition.target_col,
@@ -177,12 +179,12 @@ def main(cfg: Config) -> dict:
                  "classes": len(competition.class_names), "mean": meta["mean"], "std": meta["std"],
                  "seconds": round(seconds, 2), "images_per_second": round(image_count / max(seconds, 1e-9), 1),
                  "workers": workers}
-        write_json(folder / "stats.json", stats)
-        write_json(folder / "meta.json", meta)
+        write_json(folder / layout.CACHE_STATS, stats)
+        write_json(folder / layout.CACHE_META, meta)
         # The competition's own tables travel with the cache so later stages need not re-read the folder.
-        competition.sample_submission.to_csv(folder / "sample_submission.csv", index=False)
+        competition.sample_submission.to_csv(folder / layout.CACHE_SAMPLE_SUBMISSION, index=False)
         if competition.solution is not None:
-            competition.solution.to_csv(folder / "solution.csv", index=False)
+            competition.solution.to_csv(folder / layout.CACHE_SOLUTION, index=False)
     print(f"prepare: cached {image_count} images at {list(cfg.data.size_hw)} x {channels}ch in {seconds:.1f}s "
           f"({stats['images_per_second']} img/s, {workers} workers)", file=sys.stderr)
     return stats

@@ -12,7 +12,7 @@ The CSV has exactly the sample submission's shape: its columns in its order, its
 in its row order, other columns untouched; the target column holds the argmax class name
 (``submit.kind: label``) or each class column its probability (``submit.kind: proba``). It is
 validated before anything is written. Where solution.csv exists, the file is scored the way
-Kaggle scores it: ``train.metric`` on the Public rows and on the Private rows, printed beside
+Kaggle scores it: ``metric`` on the Public rows and on the Private rows, printed beside
 the CV so a CV/leaderboard gap shows at once. ``submit.upload`` then sends it with the kaggle CLI.
 """
 
@@ -28,11 +28,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import cli, metrics
+from pipeline import cli, layout, metrics
 from pipeline.artifacts import read_json, read_table, read_text_csv, write_csv, write_json
+from pipeline.competition import encode_labels
 from pipeline.config import Config
-from pipeline.data import Cache, encode_labels, slug
-from pipeline.ensemble import check_same_ids, describe_ids
+from pipeline.images import Cache
+from pipeline.layout import slug
+from pipeline.tables import check_same_ids, describe_ids
 from pipeline.errors import ConfigError, DataError, PipelineError
 
 # ---------------------------------------------------------------- building and checking the CSV
@@ -159,7 +161,7 @@ def leaderboard_scores(submission: pd.DataFrame, solution: pd.DataFrame, class_n
 
 def keep_submission(cfg: Config, submission: pd.DataFrame, method: str, cv: float) -> tuple[Path, datetime]:
     """Write the timestamped copy and submission.csv (the latest); a name already taken gets a suffix."""
-    folder = cfg.path("submissions")
+    folder = layout.submissions_dir(cfg)
     now = datetime.now(timezone.utc)
     stem = f"{now:%Y%m%d-%H%M%S}_{slug(method)}_cv{cv:.4f}"
     path, count = folder / f"{stem}.csv", 1
@@ -167,7 +169,7 @@ def keep_submission(cfg: Config, submission: pd.DataFrame, method: str, cv: floa
         count += 1
         path = folder / f"{stem}-{count}.csv"
     write_csv(path, submission)
-    write_csv(folder / "submission.csv", submission)
+    write_csv(layout.latest_submission_file(cfg), submission)
     return path, now
 
 
@@ -216,12 +218,12 @@ def upload(cfg: Config, path: Path) -> None:
 
 def read_ensemble_test(cfg: Config, cache: Cache, sample_ids: list[str], sample_path: Path) -> np.ndarray:
     """The ensemble's test probabilities, aligned by id to the sample submission's rows -> N x C."""
-    path = cfg.path("ensemble") / "test.parquet"
+    path = layout.ensemble_dir(cfg) / layout.ENSEMBLE_TEST
     test = read_table(path, "ensemble test predictions", "the ensemble stage")
     test["id"] = test["id"].astype(str)
     columns = [str(c) for c in test.columns if c != "id"]
     if sorted(columns) != sorted(cache.class_names):
-        raise DataError(f"{path} has class columns {columns} but {cache.folder / 'meta.json'} has "
+        raise DataError(f"{path} has class columns {columns} but {cache.folder / layout.CACHE_META} has "
                         f"{cache.class_names}: re-run ensemble")
     check_same_ids(test["id"], sample_ids, path, sample_path, "re-run ensemble (it predates the current image cache)")
     return test.set_index("id").loc[sample_ids, list(cache.class_names)].to_numpy(dtype=float)
@@ -232,15 +234,16 @@ def read_ensemble_test(cfg: Config, cache: Cache, sample_ids: list[str], sample_
 def main(cfg: Config) -> dict:
     cache = Cache.open(cfg)
     class_names, id_col, target_col = list(cache.class_names), cache.meta["id_col"], cache.meta["target_col"]
-    kind, metric = cfg.submit.kind, cfg.train.metric
-    sample_path = cache.folder / "sample_submission.csv"
+    kind, metric = cfg.submit.kind, cfg.metric
+    sample_path = cache.folder / layout.CACHE_SAMPLE_SUBMISSION
     sample = read_text_csv(sample_path, "sample submission", "prepare")
     value_columns(sample, class_names, kind, target_col)
-    ensemble_scores = read_json(cfg.path("ensemble") / "scores.json", "ensemble scores", "the ensemble stage")
-    members = read_json(cfg.path("ensemble") / "weights.json", "ensemble weights", "the ensemble stage")["members"]
+    ensemble = layout.ensemble_dir(cfg)
+    ensemble_scores = read_json(ensemble / layout.ENSEMBLE_SCORES, "ensemble scores", "the ensemble stage")
+    members = read_json(ensemble / layout.ENSEMBLE_WEIGHTS, "ensemble weights", "the ensemble stage")["members"]
     if ensemble_scores["metric"] != metric:
-        raise DataError(f"the ensemble was scored with {ensemble_scores['metric']} but train.metric is {metric}: "
-                        f"re-run ensemble")
+        raise DataError(f"the ensemble was scored with {ensemble_scores['metric']} but the config's metric is "
+                        f"{metric}: re-run ensemble")
     method, cv = ensemble_scores["method"], float(ensemble_scores["oof_score"])
 
     proba = read_ensemble_test(cfg, cache, sample[id_col].tolist(), sample_path)
@@ -250,16 +253,16 @@ def main(cfg: Config) -> dict:
         raise DataError("the submission is not valid, nothing was written:\n  " + "\n  ".join(problems))
     path, now = keep_submission(cfg, submission, method, cv)
 
-    solution_path = cache.folder / "solution.csv"
+    solution_path = cache.folder / layout.CACHE_SOLUTION
     scores = {"public": None, "private": None}
     if solution_path.exists():
         solution = read_text_csv(solution_path, "solution", "prepare")
         scores = leaderboard_scores(submission, solution, class_names, kind, metric, id_col, target_col)
     row = {"time": f"{now:%Y-%m-%dT%H:%M:%SZ}", "file": path.name, "method": method, "members": "+".join(members),
            "metric": metric, "cv": cv, **scores}
-    board = append_leaderboard(cfg.path("submissions") / "leaderboard.csv", row)
+    board = append_leaderboard(layout.leaderboard_file(cfg), row)
     result = {"cv": cv, **scores, "method": method, "metric": metric}
-    write_json(cfg.path("metrics") / "submission.json", result)
+    write_json(layout.submission_metrics_file(cfg), result)
 
     def shown(value):
         return "n/a (no solution.csv)" if value is None else f"{value:.4f}"

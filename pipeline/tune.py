@@ -9,7 +9,7 @@ Writes: the trials into that storage, and ``paths.tuning``/<backbone>/ with
 
 A trial is the config with the trial's ``tune.space`` values, trained by train's own
 ``cross_validate`` on ``tune.folds`` for ``tune.epochs`` epochs; its value is the mean of the
-folds' best ``train.metric``. It reports every epoch (one fold) or every fold (several: what
+folds' best ``metric``. It reports every epoch (one fold) or every fold (several: what
 the Wilcoxon pruner is made for), so ``tune.pruner`` stops hopeless trials early. A new
 study's first trial is the untuned config, and best_params.yaml keeps the untuned values unless
 the best trial beats that trial by at least ``tune.min_gain``: with a few short trials on one
@@ -26,11 +26,7 @@ does it for a database, a check of the worker's process on this host for a journ
 from __future__ import annotations
 
 import difflib
-import importlib.util
-import os
-import socket
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -39,17 +35,24 @@ import optuna
 import torch
 import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.exceptions import ExperimentalWarning
-from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.storages.journal import JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
-from pipeline import cli, metrics
+from pipeline import cli, layout, metrics
 from pipeline.artifacts import save_figure, write_csv, write_text
+from pipeline.builders import check_choices
 from pipeline.config import Config, Train
-from pipeline.data import slug
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.train import TrainingData, check_choices, cross_validate, load_training_data
+from pipeline.kfold import TrainingData, cross_validate, load_training_data
+from pipeline.studies import (
+    TrialSeededTPE,
+    fail_orphaned_trials,
+    make_pruner,
+    open_storage,
+    storage_label,
+    worker_name,
+)
 
 # The user attribute that marks a study's first trial, the untuned config, which min_gain compares against.
 UNTUNED_ORIGIN = "untuned config"
@@ -89,7 +92,7 @@ def search_space(cfg: Config) -> dict[str, BaseDistribution]:
         bounds = distribution.choices if param.type == "categorical" else (distribution.low, distribution.high)
         for value in bounds:
             try:
-                check_choices(with_train_values(cfg, {name: value}))
+                check_choices(cfg.with_train({name: value}))
             except ValidationError as error:
                 reason = error.errors()[0]["msg"].removeprefix("Value error, ")
                 raise ConfigError(f"{where}: {value!r} is not a valid train.{name} ({reason})") from None
@@ -97,13 +100,6 @@ def search_space(cfg: Config) -> dict[str, BaseDistribution]:
                 raise ConfigError(f"{where}: {error}") from None
         space[name] = distribution
     return space
-
-
-def with_train_values(cfg: Config, values: dict) -> Config:
-    """A copy of the config with ``train.<name> = value`` for each item (raises pydantic's ValidationError)."""
-    data = cfg.model_dump()
-    data["train"].update(values)
-    return Config.model_validate(data)
 
 
 def suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution):
@@ -132,189 +128,23 @@ def untuned_values(cfg: Config, space: dict[str, BaseDistribution]) -> dict:
 
 # ---------------------------------------------------------------- storage, sampler, pruner
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def storage_target(cfg: Config) -> str:
-    """``tune.storage``, or by default the journal file shared by every backbone's study."""
-    return cfg.tune.storage or str(cfg.path("tuning") / "optuna.journal")
-
-
-def storage_label(cfg: Config) -> str:
-    """The storage ``tune.storage`` names, as shown to the user: a database URL without its password."""
-    target = storage_target(cfg)
-    if "://" not in target:
-        return target
-    import sqlalchemy
-    import sqlalchemy.exc
-
-    try:
-        return sqlalchemy.engine.make_url(target).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        raise ConfigError("tune.storage is not a valid database URL "
-                          "(e.g. postgresql://user:password@host:5432/db)") from None
-
-
-def open_storage(cfg: Config):
-    """The storage ``tune.storage`` names: a database URL (RDBStorage with heartbeat) or a journal file.
-
-    None means ``paths.tuning``/optuna.journal: a JournalStorage, which several processes append
-    to safely (SQLite locks under concurrent writers). Raises PipelineError naming the storage,
-    without its password, when it cannot be opened.
-    """
-    target = storage_target(cfg)
-    if "://" not in target:
-        if not target.endswith((".journal", ".log")):
-            raise ConfigError(f"tune.storage {target!r} is neither a database URL (postgresql://user:password@host:"
-                              f"5432/db, sqlite:///file.db) nor a journal file (*.journal or *.log)")
-        try:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(target))
-        except OSError as error:
-            raise PipelineError(f"cannot open the Optuna journal {target}: {error.strerror}; "
-                                f"check that its folder is writable") from None
-
-    import sqlalchemy
-    import sqlalchemy.exc
-
-    shown = storage_label(cfg)
-    url = sqlalchemy.engine.make_url(target)
-    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
-        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the 'postgres' extra installs psycopg2.
-        url = url.set(drivername="postgresql+psycopg2")
-    engine_kwargs = {}
-    if url.get_backend_name() == "postgresql":
-        # A trial can keep a connection idle for hours: ping before use; fail fast on a dead host.
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            # A dead worker's trial stops sending heartbeats; after 2 x heartbeat seconds the next
-            # worker to start a trial marks it failed. Plain fail, not a retry: a trial that killed
-            # its worker (out of memory at a large batch size) would kill the next one too.
-            for attempt in range(4):
-                try:
-                    return optuna.storages.RDBStorage(
-                        url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs,
-                        heartbeat_interval=cfg.tune.heartbeat, heartbeat_stale_trial_callback=_report_stale)
-                except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
-                    # Workers started together race to create Optuna's tables on an empty database;
-                    # the loser sees a duplicate-key error. By the next try the tables exist.
-                    if attempt == 3 or not any(word in str(error) for word in ("duplicate key", "already exists")):
-                        raise
-                    time.sleep(1.0 + attempt)
-    except ImportError:
-        raise ConfigError(f"tune.storage {shown} needs a database driver: pip install psycopg2-binary "
-                          f"(the project's 'postgres' extra) for PostgreSQL") from None
-    except sqlalchemy.exc.ArgumentError as error:
-        raise ConfigError(f"tune.storage {shown}: {error} (e.g. postgresql://user:password@host:5432/db)") from None
-    except sqlalchemy.exc.SQLAlchemyError as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
-        if url.password:
-            reason = reason.replace(url.password, "***")
-        raise PipelineError(f"cannot reach the Optuna storage {shown} ({reason}): check that the server runs and "
-                            f"is reachable from this machine (host, port, firewall), that the database exists, and "
-                            f"the user and password") from None
-
-
-def _report_stale(study: optuna.Study, trial: FrozenTrial) -> None:
-    print(f"[{study.study_name}] trial {trial.number} (worker {trial.user_attrs.get('worker', '?')}) sent no "
-          f"heartbeat for a while: marked failed", file=sys.stderr)
-
-
-def fail_orphaned_trials(study: optuna.Study) -> None:
-    """Mark failed the running trials whose worker process on this host is gone.
-
-    A journal file has no heartbeat, but its workers share a host (or a network folder): a
-    running trial whose recorded worker is this host and a process id that no longer exists
-    was left by a killed worker.
-    """
-    host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            print(f"[{study.study_name}] trial {trial.number}: its worker (pid {pid}) is gone; marked failed",
-                  file=sys.stderr)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-class TrialSeededTPE(optuna.samplers.BaseSampler):
-    """Optuna's TPE, its random draws seeded from (seed, trial number).
-
-    One seed per process would make workers started together draw the same random startup
-    trials; the trial number is unique across workers, and the same for a re-run alone.
-    """
-
-    def __init__(self, seed: int):
-        self.seed = seed
-        self._tpe = optuna.samplers.TPESampler(seed=seed)
-
-    def before_trial(self, study, trial):
-        self._tpe = optuna.samplers.TPESampler(seed=self.seed + trial.number)
-        self._tpe.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study, trial):
-        return self._tpe.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self._tpe.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study, trial, state, values):
-        self._tpe.after_trial(study, trial, state, values)
-
-    def reseed_rng(self):
-        self._tpe.reseed_rng()
-
-
-def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
-    steps = cfg.tune.epochs if len(cfg.tune.folds) == 1 else len(cfg.tune.folds)
-    if cfg.tune.pruner == "median":
-        # Optuna's 5 startup trials would leave a small study unpruned: the untuned first trial and
-        # one sampled are enough for a median. The first step (warmup, or fold 0) is not judged.
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
-    if cfg.tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=steps, reduction_factor=3)
-    if cfg.tune.pruner == "wilcoxon":
-        if len(cfg.tune.folds) == 1:
-            print("tune: the wilcoxon pruner compares folds; with one tune.folds it compares epochs instead",
-                  file=sys.stderr)
-        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2)
-    return optuna.pruners.NopPruner()
-
-
 def open_study(cfg: Config, backbone: str, storage=None) -> optuna.Study:
     """The backbone's study in the storage: joined when it exists, else created with the untuned config queued first."""
     storage = storage if storage is not None else open_storage(cfg)
-    direction = "maximize" if metrics.greater_is_better(cfg.train.metric) else "minimize"
+    direction = "maximize" if metrics.greater_is_better(cfg.metric) else "minimize"
     sampler, pruner = TrialSeededTPE(cfg.tune.seed), make_pruner(cfg)
     try:
         study = optuna.create_study(storage=storage, study_name=backbone, direction=direction, sampler=sampler,
                                     pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:  # another run or worker made it: join
         study = optuna.load_study(study_name=backbone, storage=storage, sampler=sampler, pruner=pruner)
-        recorded = study.user_attrs.get("metric", cfg.train.metric)
-        if recorded != cfg.train.metric or study.direction.name.lower() != direction:
+        recorded = study.user_attrs.get("metric", cfg.metric)
+        if recorded != cfg.metric or study.direction.name.lower() != direction:
             raise ConfigError(f"the study {backbone!r} in the Optuna storage was tuned for {recorded} "
-                              f"({study.direction.name.lower()}), not train.metric {cfg.train.metric}: set "
+                              f"({study.direction.name.lower()}), not the config's metric {cfg.metric}: set "
                               f"tune.storage to another file or database, or delete the old one") from None
         return study
-    study.set_user_attr("metric", cfg.train.metric)
+    study.set_user_attr("metric", cfg.metric)
     study.enqueue_trial(untuned_values(cfg, search_space(cfg)), user_attrs={"origin": UNTUNED_ORIGIN})
     return study
 
@@ -322,14 +152,14 @@ def open_study(cfg: Config, backbone: str, storage=None) -> optuna.Study:
 # ---------------------------------------------------------------- the objective
 
 def make_objective(cfg: Config, backbone: str, data: TrainingData, space: dict[str, BaseDistribution]):
-    """objective(trial) -> the mean over ``tune.folds`` of each fold's best ``train.metric``."""
+    """objective(trial) -> the mean over ``tune.folds`` of each fold's best ``metric``."""
     one_fold = len(cfg.tune.folds) == 1
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_name())
         values = {name: suggest(trial, name, distribution) for name, distribution in space.items()}
         try:
-            trial_cfg = with_train_values(cfg, values)
+            trial_cfg = cfg.with_train(values)
         except ValidationError as error:
             raise ConfigError(f"tune.space: trial {trial.number}'s values {values} make an invalid train config: "
                               f"{error.errors()[0]['msg']}") from None
@@ -361,7 +191,7 @@ def progress(cfg: Config, backbone: str, orphan_check: bool):
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         if trial.state == TrialState.COMPLETE:
-            outcome = f"{cfg.train.metric} {trial.value:.4f}"
+            outcome = f"{cfg.metric} {trial.value:.4f}"
         elif trial.state == TrialState.PRUNED:
             outcome = f"pruned at {unit} {(trial.last_step or 0) + 1}"
         else:
@@ -439,19 +269,20 @@ def chosen_trial(cfg: Config, study: optuna.Study) -> tuple[FrozenTrial | None, 
 
 def write_outputs(cfg: Config, backbone: str, study: optuna.Study) -> dict:
     """best_params.yaml, trials.csv and the plots of the study as it stands (every worker's trials)."""
-    folder = cfg.path("tuning") / slug(backbone)
+    folder = layout.tuning_dir(cfg, backbone)
     trials = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "datetime_start",
                                            "duration"))
     write_csv(folder / "trials.csv", trials)
     states = [trial.state for trial in study.get_trials(deepcopy=False)]
     best, note = chosen_trial(cfg, study)
-    write_text(folder / "best_params.yaml", yaml.safe_dump(dict(best.params) if best else {}, sort_keys=False))
+    best_params = layout.best_params_file(cfg, backbone)
+    write_text(best_params, yaml.safe_dump(dict(best.params) if best else {}, sort_keys=False))
     plots = save_plots(folder, study, backbone)
     summary = {"trials": len(states), **{state.name.lower(): states.count(state) for state in
                                          (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
                "best_value": best.value if best else None, "best_trial": best.number if best else None,
                "best_params": dict(best.params) if best else {}, "plots": plots}  # best: the chosen trial
-    outcome = (f"{note}: trial {best.number} ({cfg.train.metric} {best.value:.4f}) in {folder / 'best_params.yaml'}"
+    outcome = (f"{note}: trial {best.number} ({cfg.metric} {best.value:.4f}) in {best_params}"
                if best else "no completed trial: best_params.yaml is empty, train uses its own values")
     print(f"[{backbone}] {summary['trials']} trials ({summary['complete']} complete, {summary['pruned']} pruned, "
           f"{summary['fail']} failed); {outcome}", file=sys.stderr)
@@ -460,7 +291,7 @@ def write_outputs(cfg: Config, backbone: str, study: optuna.Study) -> dict:
 
 def write_untuned(cfg: Config, backbone: str) -> dict:
     """Tuning off: an empty best_params.yaml (DVC still gets its output; train uses its own values)."""
-    write_text(cfg.path("tuning") / slug(backbone) / "best_params.yaml", "{}\n")
+    write_text(layout.best_params_file(cfg, backbone), "{}\n")
     print(f"[{backbone}] tuning is off (tune.enabled false or tune.n_trials 0): empty best_params.yaml",
           file=sys.stderr)
     return {"trials": 0, "best_params": {}}
@@ -486,9 +317,7 @@ def tune_backbone(cfg: Config, backbone: str, storage, data: TrainingData, space
 
 
 def main(cfg: Config, backbone: str | None = None) -> dict:
-    names = [backbone] if backbone else cfg.backbones
-    if backbone and backbone not in cfg.backbones:
-        raise ConfigError(f"--backbone {backbone} is not in backbones {list(cfg.backbones)}")
+    names = [backbone] if backbone else list(cfg.backbones)
     check_choices(cfg)
     space = search_space(cfg)
     if not cfg.tune.enabled or cfg.tune.n_trials == 0:
@@ -500,7 +329,7 @@ def main(cfg: Config, backbone: str | None = None) -> dict:
     data = load_training_data(cfg)
     missing = sorted(set(cfg.tune.folds) - set(np.unique(data.folds).tolist()))
     if missing:
-        raise ConfigError(f"tune.folds {missing} are not folds of {cfg.path('folds')} "
+        raise ConfigError(f"tune.folds {missing} are not folds of {layout.folds_file(cfg)} "
                           f"(it has {sorted(np.unique(data.folds).tolist())})")
     return {name: tune_backbone(cfg, name, storage, data, space) for name in names}
 

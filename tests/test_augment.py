@@ -135,8 +135,8 @@ def test_batch_flips_follow_their_seed_and_leave_the_input_alone():
 
 def test_flips_preset_runs_on_batches_in_training(tmp_path):
     from conftest import make_config
-    from pipeline import train
+    from pipeline import builders
 
     cfg = make_config(tmp_path / "work")
-    assert isinstance(train.make_batch_augment(cfg, seed=0), BatchFlips)
-    assert train.make_batch_augment(make_config(tmp_path / "work", "train.augment=light"), seed=0) is None
+    assert isinstance(builders.make_batch_augment(cfg, seed=0), BatchFlips)
+    assert builders.make_batch_augment(make_config(tmp_path / "work", "train.augment=light"), seed=0) is None

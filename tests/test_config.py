@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Config, ConfigError, dump, eval_formula, load_config, parse_overrides
+from pipeline.config import Config, ConfigError, dump, load_config, parse_overrides
+from pipeline.formula import eval_formula
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "params.yaml"]

@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import ROOT, make_config, make_csv_competition, make_mask_competition, write_image
 from pipeline import prepare
-from pipeline.data import Cache, build_elpv, load_image, read_competition
+from pipeline.competition import build_elpv, read_competition
+from pipeline.images import Cache, load_image
 from pipeline.errors import DataError
 from pipeline.models import Heads
 

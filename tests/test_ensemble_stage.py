@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import make_config
 
-from pipeline import ensemble, ensembling, metrics
+from pipeline import blending, ensemble, metrics
 from pipeline.artifacts import probability_table
 from pipeline.errors import ConfigError, DataError
 
@@ -80,7 +80,7 @@ def test_ensemble_writes_every_output_and_beats_the_best_single(work):
 
     assert scores["best_single"] == "good"
     assert scores["oof_score"] >= scores["best_single_score"]
-    assert scores["oof_score"] == pytest.approx(metrics.score(cfg.train.metric, truth["labels"],
+    assert scores["oof_score"] == pytest.approx(metrics.score(cfg.metric, truth["labels"],
                                                               oof[CLASSES].to_numpy()))
     assert json.loads((out / "scores.json").read_text()) == pytest.approx(scores)
 
@@ -88,9 +88,9 @@ def test_ensemble_writes_every_output_and_beats_the_best_single(work):
     assert set(report.loc[report["kind"] == "method", "name"]) == set(cfg.ensemble.methods)
     assert set(report.loc[report["kind"] == "model", "name"]) == {"good", "noisy"}
     chosen = report.loc[report["selected"] == "chosen", "name"].tolist()
-    assert chosen == [scores["method"]] == [ensembling.select_best(
-        dict(zip(report["name"][report["kind"] == "method"], report[cfg.train.metric][report["kind"] == "method"])),
-        cfg.train.metric)]
+    assert chosen == [scores["method"]] == [blending.select_best(
+        dict(zip(report["name"][report["kind"] == "method"], report[cfg.metric][report["kind"] == "method"])),
+        cfg.metric)]
     markdown = (out / "report.md").read_text()
     assert all(f"| {name} |" in markdown for name in [*cfg.ensemble.methods, "good", "noisy"])
     assert "![OOF probability correlation](correlation.png)" in markdown
@@ -112,7 +112,7 @@ def test_weighted_method_leans_on_the_good_member_and_offsets_are_reported(tmp_p
     assert set(weights["class_offsets"]) == set(CLASSES)
     assert scores["method"] == "weighted+offsets"
     # fit_class_offsets only accepts strict improvements, so the OOF score cannot drop.
-    assert not metrics.better(cfg.train.metric, scores["oof_score_before_offsets"], scores["oof_score"])
+    assert not metrics.better(cfg.metric, scores["oof_score_before_offsets"], scores["oof_score"])
     assert "optimistic" in (cfg.path("ensemble") / "report.md").read_text()
 
 

@@ -31,7 +31,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, make_config
-from pipeline import cli, folds, prepare, train
+from pipeline import builders, cli, folds, prepare, train
 from pipeline.artifacts import atomic_dir, atomic_path, write_text
 from pipeline.errors import DataError, PipelineError
 
@@ -283,7 +283,7 @@ def test_a_dead_writers_temporary_is_removed_a_live_ones_kept(tmp_path):
 
 def nan_loss_from(epoch: int, step: int):
     """A make_loss whose loss turns NaN at (epoch, step) of each fold, as a diverging run's does."""
-    real = train.make_loss
+    real = builders.make_loss
 
     def make_loss(cfg, heads, targets):
         compute_loss, losses = real(cfg, heads, targets)
@@ -303,7 +303,7 @@ def nan_loss_from(epoch: int, step: int):
 
 
 def test_nan_loss_stops_the_fold_naming_the_epoch_and_writes_no_oof(work, monkeypatch):
-    monkeypatch.setattr(train, "make_loss", nan_loss_from(epoch=1, step=1))
+    monkeypatch.setattr(builders, "make_loss", nan_loss_from(epoch=1, step=1))
     cfg = config(work, "train.epochs=3")
     with pytest.raises(PipelineError) as error:
         train.main(cfg)

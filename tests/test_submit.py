@@ -46,7 +46,7 @@ def build_work(tmp_path, *overrides, classes=CLASSES, sample=None, proba=PROBA):
     out.mkdir(parents=True)
     order = [3, 0, 5, 1, 4, 2]
     probability_table(np.array(IDS)[order], proba[order], classes).to_parquet(out / "test.parquet", index=False)
-    (out / "scores.json").write_text(json.dumps({"method": "weighted", "metric": cfg.train.metric,
+    (out / "scores.json").write_text(json.dumps({"method": "weighted", "metric": cfg.metric,
                                                  "oof_score": 0.87654}))
     (out / "weights.json").write_text(json.dumps({"members": ["good", "noisy"]}))
     return cfg
@@ -121,7 +121,7 @@ def test_validate_submission_counts_many_ids_and_checks_probabilities():
     ("macro_f1", 5 / 9, 1 / 3),
 ])
 def test_submit_writes_the_sample_shape_and_scores_like_kaggle(tmp_path, metric, public, private):
-    cfg = build_work(tmp_path, f"train.metric={metric}")
+    cfg = build_work(tmp_path, f"metric={metric}")
     result = submit.main(cfg)
     folder = cfg.path("submissions")
     written = read_text(folder / "submission.csv")
@@ -149,14 +149,14 @@ def test_submit_writes_the_sample_shape_and_scores_like_kaggle(tmp_path, metric,
 
 def test_labels_are_the_competitions_own_class_names(tmp_path):
     # Integer-like labels whose index differs from their text: index 0 is class "1".
-    cfg = build_work(tmp_path, "train.metric=accuracy", classes=["1", "2", "3"])
+    cfg = build_work(tmp_path, "metric=accuracy", classes=["1", "2", "3"])
     submit.main(cfg)
     assert read_text(cfg.path("submissions") / "submission.csv")["animal"].tolist() == ["1", "2", "3", "1", "2", "2"]
 
 
 def test_proba_kind_writes_each_class_probability(tmp_path):
     sample = pd.DataFrame({"image_id": IDS, "cat": 0, "dog": 0, "owl": 0})
-    cfg = build_work(tmp_path, "submit.kind=proba", "train.metric=accuracy", sample=sample)
+    cfg = build_work(tmp_path, "submit.kind=proba", "metric=accuracy", sample=sample)
     result = submit.main(cfg)
     written = pd.read_csv(cfg.path("submissions") / "submission.csv", dtype={"image_id": str})
     assert list(written.columns) == ["image_id", *CLASSES] and written["image_id"].tolist() == IDS

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_config
-from pipeline import folds, prepare, train
+from pipeline import builders, folds, kfold, prepare, train
 from pipeline.engine import StepState, train_one_epoch
 from pipeline.errors import ConfigError
 from pipeline.models import Heads, check_backbone, create_model
@@ -50,13 +50,13 @@ def test_smoke_training_writes_oof_covering_every_id_once(prepared):
                                                   (["train.oversample=false"], 0.0)])
 def test_sampler_draws_classes_in_proportion_to_count_to_the_one_minus_power(prepared, overrides, power):
     cfg = config(prepared, "train.batch_size=8", *overrides)
-    data = train.load_training_data(cfg)
+    data = kfold.load_training_data(cfg)
     indices = np.arange(len(data.ids))
     counts = np.bincount(data.labels, minlength=4).astype(float)
     expected = counts ** (1 - power) / (counts ** (1 - power)).sum()  # class c drawn ~ n_c * n_c^-power
     drawn = np.zeros(4)
     for epoch_seed in range(200):
-        loader = train.make_train_loader(cfg, data, indices, torch.device("cpu"), seed=epoch_seed)
+        loader = builders.make_train_loader(cfg, data, indices, torch.device("cpu"), seed=epoch_seed)
         labels = data.labels[np.asarray(list(iter(loader.sampler)) if loader.sampler is not None else indices)]
         drawn += np.bincount(labels, minlength=4)
     assert counts.max() > 2 * counts.min()  # imbalanced enough for the three powers to differ
@@ -75,12 +75,12 @@ def kill_after_first_epoch(epoch, score):
 @pytest.mark.slow
 def test_resume_after_a_kill_reaches_the_same_weights(prepared, tmp_path):
     cfg = config(prepared, "train.epochs=3", "train.ema=true")
-    data = train.load_training_data(cfg)
-    whole = train.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "whole")
+    data = kfold.load_training_data(cfg)
+    whole = kfold.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "whole")
     with pytest.raises(Interrupted):
-        train.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "killed", on_epoch=kill_after_first_epoch)
+        kfold.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "killed", on_epoch=kill_after_first_epoch)
     assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["epoch"] == 0
-    resumed = train.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "killed")
+    resumed = kfold.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "killed")
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     first = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
     second = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)
@@ -88,11 +88,11 @@ def test_resume_after_a_kill_reaches_the_same_weights(prepared, tmp_path):
         torch.testing.assert_close(second["model"][name], tensor, msg=name)
     np.testing.assert_allclose(resumed.validation_proba, whole.validation_proba)
     # A finished fold is not trained again; a changed setting starts afresh.
-    again = train.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "killed",
+    again = kfold.train_fold(cfg, "lcnet_050", data, 0, tmp_path / "killed",
                              on_epoch=lambda *_: pytest.fail("a finished fold was trained again"))
     assert again.best_score == resumed.best_score
     changed = config(prepared, "train.epochs=1")
-    assert len(train.train_fold(changed, "lcnet_050", data, 0, tmp_path / "killed").history) == 1
+    assert len(kfold.train_fold(changed, "lcnet_050", data, 0, tmp_path / "killed").history) == 1
 
 
 def test_accumulating_two_batches_of_8_equals_one_of_16():

@@ -23,9 +23,9 @@ from pg_cluster import find_bin_dir, postgres_cluster
 
 import pipeline.folds
 import pipeline.prepare
-from pipeline import cli, tune
+from pipeline import cli, studies, tune
 from pipeline.errors import ConfigError
-from pipeline.train import tuned_config
+from pipeline.kfold import tuned_config
 
 BACKBONE = "lcnet_050"
 # One training batch per epoch, drawn in order (no oversampling), so trials compare deterministically.
@@ -47,7 +47,7 @@ def config(work_dir, name: str, *overrides: str):
 
 
 def trials_of(cfg):
-    return optuna.load_study(study_name=BACKBONE, storage=tune.open_storage(cfg)).get_trials()
+    return optuna.load_study(study_name=BACKBONE, storage=studies.open_storage(cfg)).get_trials()
 
 
 def running_trials(cfg) -> list:
@@ -74,7 +74,7 @@ def finish(*workers: subprocess.Popen) -> None:
 
 def assert_shared(cfg, workers: int, trials: int) -> None:
     """One study holding ``trials`` finished trials, contributed by ``workers`` distinct processes."""
-    assert optuna.get_all_study_names(tune.open_storage(cfg)) == [BACKBONE]
+    assert optuna.get_all_study_names(studies.open_storage(cfg)) == [BACKBONE]
     study_trials = trials_of(cfg)
     assert len(study_trials) == trials
     assert all(t.state == TrialState.COMPLETE for t in study_trials), [t.state for t in study_trials]
@@ -175,7 +175,7 @@ def test_study_writes_best_params_that_train_uses(work):
 def test_rerun_continues_the_study_and_a_hopeless_trial_is_pruned(work):
     # Log loss moves at every step (macro F1 sits at the majority class on this tiny set), and two
     # good trials give the median pruner its reference: then a learning rate of 1e-9 cannot keep up.
-    overrides = ("train.metric=log_loss", "tune.epochs=3", "tune.pruner=median",
+    overrides = ("metric=log_loss", "tune.epochs=3", "tune.pruner=median",
                  "tune.space={lr: {type: float, low: 0.001, high: 0.01, log: true}}")
     cfg = config(work, "prune", *overrides)
     tune.main(cfg)

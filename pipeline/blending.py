@@ -1,23 +1,28 @@
-"""Ensembling of class-probability predictions: pure functions, arrays in, arrays out.
+"""Blending: what learns from out-of-fold predictions how to combine members. Pure functions.
 
-Members are M predictions of the same N rows (same order = same ids), given as a
-list of N x C arrays or one M x N x C array. Every combiner returns an N x C
-array whose rows sum to 1 and contain no NaN, even when members hold exact zeros
-(probabilities are clipped to a small epsilon before any logarithm).
-
-Methods that learn something (weights, a stacker, class offsets) learn it from
-out-of-fold (OOF) predictions and then apply it unchanged to the test
-predictions. ``run_method`` does both for each named method in ``METHODS``.
+Weights (``fit_weights``, Caruana selection), a stacker (cross-fitted logistic regression) and
+per-class offsets are learnt from OOF predictions and then applied unchanged to the test
+predictions. ``run_method`` does both for each named method in ``METHODS``; ``select_best``
+chooses among them on OOF scores. The combiners themselves are ``pipeline.voting``'s.
 """
 
 import numpy as np
-from scipy import optimize, special, stats
+from scipy import optimize
 from sklearn.linear_model import LogisticRegression
 
 from pipeline import metrics
+from pipeline.voting import (
+    EPSILON,
+    as_stack,
+    check_labels,
+    geometric_mean,
+    hard_vote,
+    normalise_rows,
+    rank_average,
+    soft_vote,
+    softmax_rows,
+)
 
-EPSILON = 1e-15
-# Stacking features are log-probabilities; a looser clip than EPSILON keeps an exact 0
 # from becoming an extreme feature value (-34.5) that dominates the regularised fit.
 STACKING_EPSILON = 1e-6
 # Default candidate offsets for fit_class_offsets; read-only because it is a shared default.
@@ -33,119 +38,6 @@ METHODS = {
     "caruana": "Greedy forward selection with replacement (Caruana et al. 2004) on OOF.",
     "stacking": "Multinomial logistic regression on member log-probabilities, cross-fitted.",
 }
-
-
-def _as_stack(members, name: str = "members") -> np.ndarray:
-    """Members as a float M x N x C array, validated."""
-    if isinstance(members, np.ndarray):
-        stack = members.astype(float)
-    else:
-        members = [np.asarray(member, dtype=float) for member in members]
-        if not members:
-            raise ValueError(f"{name} is empty")
-        shapes = {member.shape for member in members}
-        if len(shapes) != 1:
-            raise ValueError(f"{name} have different shapes: {sorted(shapes)}")
-        stack = np.stack(members)
-    if stack.ndim != 3 or 0 in stack.shape:
-        raise ValueError(f"{name} must be M x N x C (M, N, C > 0), got shape {stack.shape}")
-    if not np.all(np.isfinite(stack)):
-        raise ValueError(f"{name} contain NaN or infinite values")
-    if np.any(stack < 0):
-        raise ValueError(f"{name} contain negative probabilities")
-    return stack
-
-
-def _normalise_weights(weights, n_members: int) -> np.ndarray:
-    """Weights as a length-M float array summing to 1 (uniform when None)."""
-    if weights is None:
-        return np.full(n_members, 1.0 / n_members)
-    weights = np.asarray(weights, dtype=float)
-    if weights.shape != (n_members,):
-        raise ValueError(f"weights must have one entry per member ({n_members}), got shape {weights.shape}")
-    if not np.all(np.isfinite(weights)):
-        raise ValueError("weights contain NaN or infinite values")
-    if np.any(weights < 0):
-        raise ValueError(f"weights must be non-negative, got {weights.tolist()}")
-    total = weights.sum()
-    if total <= 0:
-        raise ValueError("weights must not all be zero")
-    return weights / total
-
-
-def _normalise_rows(proba: np.ndarray) -> np.ndarray:
-    """Rows rescaled to sum 1; a row with no mass at all becomes uniform instead of NaN."""
-    proba = np.maximum(proba, 0.0)
-    totals = proba.sum(axis=1, keepdims=True)
-    uniform = np.full_like(proba, 1.0 / proba.shape[1])
-    return np.divide(proba, totals, out=uniform, where=totals > 0)
-
-
-def _softmax_rows(logits: np.ndarray) -> np.ndarray:
-    return special.softmax(logits, axis=1)
-
-
-def soft_vote(members, weights=None) -> np.ndarray:
-    """(Weighted) mean of the member probabilities -> N x C."""
-    stack = _as_stack(members)
-    weights = _normalise_weights(weights, len(stack))
-    return _normalise_rows(np.tensordot(weights, stack, axes=1))
-
-
-def geometric_mean(members, weights=None) -> np.ndarray:
-    """(Weighted) mean of member log-probabilities, exponentiated and renormalised -> N x C."""
-    stack = _as_stack(members)
-    weights = _normalise_weights(weights, len(stack))
-    log_proba = np.log(np.clip(stack, EPSILON, None))
-    return _softmax_rows(np.tensordot(weights, log_proba, axes=1))
-
-
-def rank_average(members, weights=None) -> np.ndarray:
-    """(Weighted) mean of per-class ranks among the N rows, rows normalised -> N x C.
-
-    Each member's column is replaced by its average rank divided by N, so only the
-    ordering of rows within a class matters. The result is a score for ranking
-    and argmax, not calibrated probabilities; do not judge it by log loss.
-    """
-    stack = _as_stack(members)
-    weights = _normalise_weights(weights, len(stack))
-    ranks = stats.rankdata(stack, axis=1) / stack.shape[1]
-    return _normalise_rows(np.tensordot(weights, ranks, axes=1))
-
-
-def hard_vote(members, weights=None) -> np.ndarray:
-    """Majority vote of member argmax classes -> one-hot N x C.
-
-    Each member casts its weight (1 when weights is None) for its argmax class.
-    Ties in votes go to the tied class with the larger summed (weighted)
-    probability, and a remaining exact tie to the lowest class index.
-    """
-    stack = _as_stack(members)
-    n_members, n_rows, n_classes = stack.shape
-    weights = np.ones(n_members) if weights is None else _normalise_weights(weights, n_members)
-    votes = np.zeros((n_rows, n_classes))
-    rows = np.arange(n_rows)
-    for member, weight in zip(stack, weights, strict=True):
-        votes[rows, np.argmax(member, axis=1)] += weight
-    # Tolerances absorb float noise in sums of weights (0.1 + 0.2 vs 0.3) so such ties stay ties.
-    tied = votes >= votes.max(axis=1, keepdims=True) - 1e-12
-    summed = np.where(tied, np.tensordot(weights, stack, axes=1), -np.inf)
-    finalists = summed >= summed.max(axis=1, keepdims=True) - 1e-12
-    winners = np.argmax(finalists, axis=1)  # first True = lowest index
-    one_hot = np.zeros((n_rows, n_classes))
-    one_hot[rows, winners] = 1.0
-    return one_hot
-
-
-def _check_labels(y_true, n_rows: int, n_classes: int) -> np.ndarray:
-    y_true = np.asarray(y_true)
-    if y_true.shape != (n_rows,):
-        raise ValueError(f"y_true must have one label per row ({n_rows}), got shape {y_true.shape}")
-    if not np.issubdtype(y_true.dtype, np.integer):
-        raise ValueError(f"y_true must hold integer labels, got dtype {y_true.dtype}")
-    if y_true.min() < 0 or y_true.max() >= n_classes:
-        raise ValueError(f"y_true labels must lie in 0..{n_classes - 1}")
-    return y_true
 
 
 def _metric_key(metric: str, y_true, proba, log_loss_value: float):
@@ -207,9 +99,9 @@ def fit_weights(oof_members, y_true, metric: str = "log_loss", n_restarts: int =
     improves (metric, then log loss), which keeps the result stable.
     Deterministic for a given seed. Returns a length-M array.
     """
-    stack = _as_stack(oof_members, "oof_members")
+    stack = as_stack(oof_members, "oof_members")
     n_members, n_rows, n_classes = stack.shape
-    y_true = _check_labels(y_true, n_rows, n_classes)
+    y_true = check_labels(y_true, n_rows, n_classes)
     metrics.greater_is_better(metric)  # rejects unknown names before any work
     if n_members == 1:
         return np.ones(1)
@@ -220,7 +112,7 @@ def fit_weights(oof_members, y_true, metric: str = "log_loss", n_restarts: int =
     def key(weights):
         # Direct mixture instead of soft_vote: the search evaluates thousands of candidates
         # and the input validation would dominate.
-        proba = _normalise_rows(np.tensordot(weights, stack, axes=1))
+        proba = normalise_rows(np.tensordot(weights, stack, axes=1))
         return _metric_key(metric, y_true, proba, metrics.log_loss(y_true, proba))
 
     random = np.random.default_rng(seed + 1)
@@ -253,9 +145,9 @@ def caruana_selection(oof_members, y_true, metric: str, n_iterations: int = 50, 
     the soft vote; ties go to the lowest member index. Returns the selection
     counts divided by their total (length M, sums to 1).
     """
-    stack = _as_stack(oof_members, "oof_members")
+    stack = as_stack(oof_members, "oof_members")
     n_members, n_rows, n_classes = stack.shape
-    y_true = _check_labels(y_true, n_rows, n_classes)
+    y_true = check_labels(y_true, n_rows, n_classes)
     if not 1 <= init_best <= n_members:
         raise ValueError(f"init_best must lie in 1..{n_members} (number of members), got {init_best}")
     if n_iterations < 0:
@@ -269,7 +161,7 @@ def caruana_selection(oof_members, y_true, metric: str, n_iterations: int = 50, 
         total = counts.sum() + 1
         best_member, best_score = 0, None
         for member in range(n_members):
-            value = metrics.score(metric, y_true, _normalise_rows((running_sum + stack[member]) / total))
+            value = metrics.score(metric, y_true, normalise_rows((running_sum + stack[member]) / total))
             if best_score is None or metrics.better(metric, value, best_score):
                 best_member, best_score = member, value
         counts[best_member] += 1
@@ -300,7 +192,7 @@ def _fit_predict_logistic(train_x, train_y, predict_x, n_classes: int, C: float,
         model.fit(train_x, train_y)
         full[:, model.classes_] = model.predict_proba(predict_x)
     # Classes unseen in training keep (almost) zero mass, never an exact 0 that breaks logs later.
-    return _normalise_rows(full + EPSILON)
+    return normalise_rows(full + EPSILON)
 
 
 def stacking_oof(oof_members, y_true, folds, C: float = 1.0, seed: int = 0):
@@ -311,9 +203,9 @@ def stacking_oof(oof_members, y_true, folds, C: float = 1.0, seed: int = 0):
     of the same `folds` assignment (length-N ints) that produced the OOF members,
     so no row is predicted by a model that saw its label and the OOF score is honest.
     """
-    stack = _as_stack(oof_members, "oof_members")
+    stack = as_stack(oof_members, "oof_members")
     _, n_rows, n_classes = stack.shape
-    y_true = _check_labels(y_true, n_rows, n_classes)
+    y_true = check_labels(y_true, n_rows, n_classes)
     folds = np.asarray(folds)
     if folds.shape != (n_rows,):
         raise ValueError(f"folds must have one fold id per row ({n_rows}), got shape {folds.shape}")
@@ -334,11 +226,11 @@ def stacking_oof(oof_members, y_true, folds, C: float = 1.0, seed: int = 0):
 
 def stacking_fit_predict(oof_members, y_true, test_members, C: float = 1.0, seed: int = 0) -> np.ndarray:
     """Fit the stacker on all OOF rows and predict the test members -> Nt x C."""
-    stack = _as_stack(oof_members, "oof_members")
-    test_stack = _as_stack(test_members, "test_members")
+    stack = as_stack(oof_members, "oof_members")
+    test_stack = as_stack(test_members, "test_members")
     _check_same_members(stack, test_stack)
     _, n_rows, n_classes = stack.shape
-    y_true = _check_labels(y_true, n_rows, n_classes)
+    y_true = check_labels(y_true, n_rows, n_classes)
     return _fit_predict_logistic(
         _stacking_features(stack), y_true, _stacking_features(test_stack), n_classes, C, seed
     )
@@ -353,7 +245,7 @@ def apply_class_offsets(proba, offsets) -> np.ndarray:
             f"offsets must have one entry per class of an N x C proba, got proba {proba.shape}, "
             f"offsets {offsets.shape}"
         )
-    return _softmax_rows(np.log(np.clip(proba, EPSILON, None)) + offsets)
+    return softmax_rows(np.log(np.clip(proba, EPSILON, None)) + offsets)
 
 
 def fit_class_offsets(proba, y_true, metric: str = "macro_f1", n_rounds: int = 3,
@@ -369,7 +261,7 @@ def fit_class_offsets(proba, y_true, metric: str = "macro_f1", n_rounds: int = 3
     proba = np.asarray(proba, dtype=float)
     if proba.ndim != 2:
         raise ValueError(f"proba must be a 2-D N x C array, got shape {proba.shape}")
-    y_true = _check_labels(y_true, *proba.shape)
+    y_true = check_labels(y_true, *proba.shape)
     # Smallest moves first, so among equally good values the gentlest wins.
     grid = np.asarray(grid, dtype=float)
     grid = grid[np.argsort(np.abs(grid), kind="stable")]
@@ -409,10 +301,10 @@ def run_method(name: str, oof_members, y_true, folds, test_members, metric: str)
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     metrics.greater_is_better(metric)  # rejects unknown metric names before any work
-    stack = _as_stack(oof_members, "oof_members")
-    test_stack = _as_stack(test_members, "test_members")
+    stack = as_stack(oof_members, "oof_members")
+    test_stack = as_stack(test_members, "test_members")
     _check_same_members(stack, test_stack)
-    y_true = _check_labels(y_true, stack.shape[1], stack.shape[2])
+    y_true = check_labels(y_true, stack.shape[1], stack.shape[2])
     weights = None
     if name == "soft":
         oof, test = soft_vote(stack), soft_vote(test_stack)

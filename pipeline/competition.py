@@ -1,25 +1,25 @@
-"""Reading a competition folder, the embedded ELPV competition, the image cache, the Dataset.
+"""Reading a competition folder and building the embedded ELPV competition.
 
 A competition is read into one ``Competition`` object whatever its layout (a Kaggle CSV,
 class-per-subfolder, the Boostcamp mask layout), so every later stage sees the same
 tables: ``train`` (id, path, target, group, head and aux columns) and ``test`` (id, path)
-in the sample submission's order.
+in the sample submission's order. Decoding the images is ``pipeline.images``' job.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
-from pipeline.config import Config, eval_formula
+from pipeline import layout
+from pipeline.config import Config
 from pipeline.errors import DataError
+from pipeline.formula import eval_formula
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 ELPV_CLASSES = {0.0: "p000", 1 / 3: "p033", 2 / 3: "p067", 1.0: "p100"}  # text order = defect order
@@ -68,7 +68,7 @@ def build_elpv(cfg: Config) -> Path:
 
     from pipeline.artifacts import atomic_dir, write_csv
 
-    target = cfg.path("competition")
+    target = layout.competition_dir(cfg)
     settings = {"version": 2, "elpv_size": cfg.data.elpv_size, "test_fraction": cfg.data.elpv_test_fraction,
                 "seed": cfg.data.elpv_seed}
     marker = target / "elpv.json"
@@ -187,7 +187,7 @@ def read_competition(cfg: Config) -> Competition:
     if overlap:
         raise DataError(f"train and test share id(s) {sorted(overlap)[:10]}: ids must be unique across both")
     if cfg.data.max_train and cfg.data.max_train < len(competition.train):
-        competition.train = subsample(competition.train, cfg.data.max_train, cfg.folds.seed)
+        competition.train = subsample(competition.train, cfg.data.max_train, cfg.data.max_train_seed)
     return competition
 
 
@@ -371,97 +371,6 @@ def _read_mask_layout(cfg: Config, folder: Path) -> Competition:
                        heads=heads, compose="mask*6 + gender*3 + age")
 
 
-# ---------------------------------------------------------------- decoding images
-
-def to_uint8(image: Image.Image, channels: int) -> Image.Image:
-    """Any PIL mode (grayscale, RGBA, palette, 16-bit, float) as 8-bit L or RGB."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        # One fixed scale for every image of a kind (16-bit: 0..65535, float: 0..1), never the
-        # image's own maximum, so intensities stay comparable across images.
-        if image.mode == "F" and array.max() <= 1.0:
-            scale = 255.0
-        elif image.mode.startswith("I;16") or array.max() > 255:
-            scale = 255.0 / 65535.0
-        else:
-            scale = 1.0
-        image = Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "P", "PA"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("L" if channels == 1 else "RGB")
-
-
-def load_image(path: str | Path, size_hw: tuple[int, int], channels: int) -> np.ndarray:
-    """Decode one image, convert it to ``channels``, resize (bilinear) to H x W; uint8 H x W x C."""
-    with Image.open(path) as image:
-        image.load()
-        image = to_uint8(image, channels)
-        if image.size != (size_hw[1], size_hw[0]):
-            image = image.resize((size_hw[1], size_hw[0]), Image.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
-
-
-def try_load_image(task) -> tuple[np.ndarray | None, str | None]:
-    """``load_image`` for a worker pool: returns (array, None) or (None, the reason)."""
-    path, size_hw, channels = task
-    try:
-        if Path(path).stat().st_size == 0:
-            return None, "empty file (0 bytes)"
-        return load_image(path, size_hw, channels), None
-    except FileNotFoundError:
-        return None, "missing"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        return None, f"cannot be decoded ({error})"
-
-
-# ---------------------------------------------------------------- the cache
-
-@dataclass
-class Cache:
-    """The decoded, resized uint8 images of prepare: memory-mapped N x H x W x C arrays."""
-
-    folder: Path
-    meta: dict
-
-    @classmethod
-    def open(cls, cfg: Config) -> Cache:
-        from pipeline.artifacts import read_json
-
-        folder = cfg.path("cache")
-        meta = read_json(folder / "meta.json", "image cache index", "prepare")
-        if tuple(meta["size_hw"]) != cfg.data.size_hw or meta["channels"] != cfg.data.channels:
-            raise DataError(f"the image cache {folder} holds {meta['size_hw']} x {meta['channels']}ch images but "
-                            f"the config asks for {list(cfg.data.size_hw)} x {cfg.data.channels}ch: run prepare")
-        return cls(folder, meta)
-
-    def images(self, split: str) -> np.ndarray:
-        path = self.folder / f"{split}.npy"
-        try:
-            return np.load(path, mmap_mode="r")
-        except (FileNotFoundError, ValueError) as error:
-            raise DataError(f"image cache {path} is missing or damaged ({error}): run prepare") from None
-
-    def table(self, split: str) -> pd.DataFrame:
-        from pipeline.artifacts import read_table
-
-        return read_table(self.folder / f"{split}.parquet", "image cache index", "prepare")
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.meta["class_names"]
-
-    @property
-    def mean(self) -> list[float]:
-        return self.meta["mean"]
-
-    @property
-    def std(self) -> list[float]:
-        return self.meta["std"]
-
-
 def encode_labels(values, class_names: list[str], what: str) -> np.ndarray:
     """Class names -> indices; an unknown label is an error naming it."""
     lookup = {name: index for index, name in enumerate(class_names)}
@@ -470,38 +379,3 @@ def encode_labels(values, class_names: list[str], what: str) -> np.ndarray:
     if unknown:
         raise DataError(f"{what} has label(s) {unknown[:10]} that are not among the classes {class_names}")
     return np.array([lookup[v] for v in values], dtype=np.int64)
-
-
-class ImageDataset:
-    """Cached uint8 images -> (uint8 C x H x W tensor, targets).
-
-    Augmentation runs on uint8 and normalisation is left to the device, on whole batches,
-    so a worker moves a quarter of the bytes a float pipeline would.
-    """
-
-    def __init__(self, images: np.ndarray, indices: np.ndarray, targets: np.ndarray | None = None,
-                 augment=None):
-        self.images = images
-        self.indices = np.asarray(indices)
-        self.targets = targets
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, item: int):
-        import torch
-
-        image = np.asarray(self.images[self.indices[item]])
-        if self.augment is not None:
-            image = self.augment(image)
-        # One copy into C x H x W order; it also detaches the sample from the read-only memory map.
-        tensor = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C"))
-        if self.targets is None:
-            return tensor
-        return tensor, torch.as_tensor(self.targets[item])
-
-
-def slug(name: str) -> str:
-    """A backbone or method name as a file-name-safe string."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

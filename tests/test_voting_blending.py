@@ -1,9 +1,9 @@
-"""Tests for pipeline.ensembling against hand-computed tables and constructed cases."""
+"""Tests for pipeline.voting and pipeline.blending against hand-computed tables and constructed cases."""
 
 import numpy as np
 import pytest
 
-from pipeline import ensembling, metrics
+from pipeline import blending, metrics, voting
 
 MEMBER_A = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
 MEMBER_B = np.array([[0.7, 0.3], [0.4, 0.6], [0.1, 0.9]])
@@ -39,12 +39,12 @@ def assert_probability_rows(proba, n_rows, n_classes):
     ],
 )
 def test_soft_vote(weights, expected):
-    result = ensembling.soft_vote([MEMBER_A, MEMBER_B], weights)
+    result = voting.soft_vote([MEMBER_A, MEMBER_B], weights)
     np.testing.assert_allclose(result, expected)
 
 
 def test_soft_vote_accepts_a_three_dimensional_array():
-    result = ensembling.soft_vote(np.stack([MEMBER_A, MEMBER_B]))
+    result = voting.soft_vote(np.stack([MEMBER_A, MEMBER_B]))
     np.testing.assert_allclose(result, [[0.8, 0.2], [0.3, 0.7], [0.3, 0.7]])
 
 
@@ -60,11 +60,11 @@ def test_soft_vote_accepts_a_three_dimensional_array():
     ],
 )
 def test_geometric_mean(first, second, expected):
-    np.testing.assert_allclose(ensembling.geometric_mean([first, second]), expected)
+    np.testing.assert_allclose(voting.geometric_mean([first, second]), expected)
 
 
 def test_weighted_geometric_mean_with_a_zero_weight_returns_the_other_member():
-    np.testing.assert_allclose(ensembling.geometric_mean([MEMBER_A, MEMBER_B], [1, 0]), MEMBER_A)
+    np.testing.assert_allclose(voting.geometric_mean([MEMBER_A, MEMBER_B], [1, 0]), MEMBER_A)
 
 
 def test_rank_average():
@@ -72,14 +72,14 @@ def test_rank_average():
     # B col 0 (0.7, 0.4, 0.1) -> 3, 2, 1;          col 1 -> 1, 2, 3
     # mean col 0: 1, 1/2, 1/2; mean col 1: 1/3, 5/6, 5/6; rows sum to 4/3
     expected = [[3 / 4, 1 / 4], [3 / 8, 5 / 8], [3 / 8, 5 / 8]]
-    np.testing.assert_allclose(ensembling.rank_average([MEMBER_A, MEMBER_B]), expected)
+    np.testing.assert_allclose(voting.rank_average([MEMBER_A, MEMBER_B]), expected)
 
 
 def test_rank_average_uses_average_ranks_for_ties():
     # col 0 (0.5, 0.5, 0.2) -> 2.5, 2.5, 1 -> 5/6, 5/6, 1/3; col 1 (0.5, 0.5, 0.8) -> 1/2, 1/2, 1
     member = [[0.5, 0.5], [0.5, 0.5], [0.2, 0.8]]
     expected = [[5 / 8, 3 / 8], [5 / 8, 3 / 8], [1 / 4, 3 / 4]]
-    np.testing.assert_allclose(ensembling.rank_average([member]), expected)
+    np.testing.assert_allclose(voting.rank_average([member]), expected)
 
 
 HARD_VOTE_MEMBERS = [  # one row per case
@@ -106,12 +106,12 @@ HARD_VOTE_MEMBERS = [  # one row per case
     ],
 )
 def test_hard_vote(weights, expected):
-    np.testing.assert_array_equal(ensembling.hard_vote(HARD_VOTE_MEMBERS, weights), expected)
+    np.testing.assert_array_equal(voting.hard_vote(HARD_VOTE_MEMBERS, weights), expected)
 
 
 @pytest.mark.parametrize("weights", [[1, -1], [0, 0], [1, 2, 3], [np.nan, 1]])
-@pytest.mark.parametrize("combine", [ensembling.soft_vote, ensembling.geometric_mean,
-                                     ensembling.rank_average, ensembling.hard_vote])
+@pytest.mark.parametrize("combine", [voting.soft_vote, voting.geometric_mean,
+                                     voting.rank_average, voting.hard_vote])
 def test_bad_weights_are_rejected(combine, weights):
     with pytest.raises(ValueError, match="weights"):
         combine([MEMBER_A, MEMBER_B], weights)
@@ -119,7 +119,7 @@ def test_bad_weights_are_rejected(combine, weights):
 
 def test_members_of_different_shapes_are_rejected():
     with pytest.raises(ValueError, match="shapes"):
-        ensembling.soft_vote([MEMBER_A, MEMBER_B[:2]])
+        voting.soft_vote([MEMBER_A, MEMBER_B[:2]])
 
 
 # --- learned combiners ------------------------------------------------------------------------
@@ -127,27 +127,27 @@ def test_members_of_different_shapes_are_rejected():
 @pytest.mark.parametrize("metric", ["log_loss", "macro_f1", "accuracy"])
 def test_fit_weights_prefers_the_good_member(metric):
     y_true, good, noise = informative_and_noise()
-    weights = ensembling.fit_weights([noise, good], y_true, metric)
+    weights = blending.fit_weights([noise, good], y_true, metric)
     assert weights.shape == (2,)
     assert np.all(weights >= 0)
     assert weights.sum() == pytest.approx(1.0)
     assert weights[1] > weights[0]
     # never worse on the OOF than the uniform average
-    fitted = metrics.score(metric, y_true, ensembling.soft_vote([noise, good], weights))
-    uniform = metrics.score(metric, y_true, ensembling.soft_vote([noise, good]))
+    fitted = metrics.score(metric, y_true, voting.soft_vote([noise, good], weights))
+    uniform = metrics.score(metric, y_true, voting.soft_vote([noise, good]))
     assert not metrics.better(metric, uniform, fitted)
 
 
 def test_fit_weights_is_deterministic():
     y_true, good, noise = informative_and_noise()
-    first = ensembling.fit_weights([noise, good, good ** 2], y_true, "macro_f1", seed=3)
-    second = ensembling.fit_weights([noise, good, good ** 2], y_true, "macro_f1", seed=3)
+    first = blending.fit_weights([noise, good, good ** 2], y_true, "macro_f1", seed=3)
+    second = blending.fit_weights([noise, good, good ** 2], y_true, "macro_f1", seed=3)
     np.testing.assert_array_equal(first, second)
 
 
 def test_caruana_selection_keeps_the_good_member():
     y_true, good, noise = informative_and_noise()
-    weights = ensembling.caruana_selection([noise, good], y_true, "log_loss", n_iterations=20)
+    weights = blending.caruana_selection([noise, good], y_true, "log_loss", n_iterations=20)
     assert weights.sum() == pytest.approx(1.0)
     assert weights[1] > 0.5
     # weights are counts / (init_best + n_iterations)
@@ -157,13 +157,13 @@ def test_caruana_selection_keeps_the_good_member():
 def test_caruana_selection_breaks_ties_by_lowest_index():
     y_true = np.array([0, 1])
     same = np.array([[0.9, 0.1], [0.1, 0.9]])
-    weights = ensembling.caruana_selection([same, same], y_true, "accuracy", n_iterations=3)
+    weights = blending.caruana_selection([same, same], y_true, "accuracy", n_iterations=3)
     np.testing.assert_allclose(weights, [1.0, 0.0])
 
 
 def test_caruana_selection_rejects_bad_init_best():
     with pytest.raises(ValueError, match="init_best"):
-        ensembling.caruana_selection([MEMBER_A], [0, 1, 0], "accuracy", init_best=2)
+        blending.caruana_selection([MEMBER_A], [0, 1, 0], "accuracy", init_best=2)
 
 
 def test_stacking_oof_is_honest_on_noise():
@@ -174,11 +174,11 @@ def test_stacking_oof_is_honest_on_noise():
     y_true = random.integers(0, 2, size=n_rows)
     members = random.dirichlet(np.ones(2), size=(20, n_rows))
     folds = np.arange(n_rows) % 5
-    oof, parameters = ensembling.stacking_oof(members, y_true, folds, C=100.0)
+    oof, parameters = blending.stacking_oof(members, y_true, folds, C=100.0)
     assert parameters["n_folds"] == 5
     oof_accuracy = metrics.score("accuracy", y_true, oof)
     in_sample_accuracy = metrics.score(
-        "accuracy", y_true, ensembling.stacking_fit_predict(members, y_true, members, C=100.0))
+        "accuracy", y_true, blending.stacking_fit_predict(members, y_true, members, C=100.0))
     assert oof_accuracy < 0.5 + 0.06
     assert in_sample_accuracy > oof_accuracy + 0.05
 
@@ -187,17 +187,17 @@ def test_stacking_oof_of_a_row_does_not_depend_on_its_own_label():
     random = np.random.default_rng(1)
     y_true, good, noise = informative_and_noise(n_rows=120)
     folds = random.integers(0, 4, size=120)
-    oof, _ = ensembling.stacking_oof([good, noise], y_true, folds)
+    oof, _ = blending.stacking_oof([good, noise], y_true, folds)
     flipped = y_true.copy()
     flipped[folds == 2] = (flipped[folds == 2] + 1) % 3
-    oof_flipped, _ = ensembling.stacking_oof([good, noise], flipped, folds)
+    oof_flipped, _ = blending.stacking_oof([good, noise], flipped, folds)
     np.testing.assert_allclose(oof[folds == 2], oof_flipped[folds == 2])
 
 
 def test_stacking_learns_a_leaky_member():
     y_true, _, noise = informative_and_noise(n_rows=200)
     leaky = np.eye(3)[y_true]
-    oof, _ = ensembling.stacking_oof([noise, leaky], y_true, np.arange(200) % 5)
+    oof, _ = blending.stacking_oof([noise, leaky], y_true, np.arange(200) % 5)
     assert metrics.score("accuracy", y_true, oof) > 0.98
 
 
@@ -206,16 +206,16 @@ def test_stacking_keeps_all_columns_when_a_class_is_missing_from_training():
     y_true = np.array([0, 1, 2, 0, 1, 0, 1, 0, 1, 0])
     folds = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
     members = [np.eye(3)[y_true] * 0.7 + 0.1]
-    oof, _ = ensembling.stacking_oof(members, y_true, folds)
+    oof, _ = blending.stacking_oof(members, y_true, folds)
     assert_probability_rows(oof, 10, 3)
     assert np.all(oof[folds == 0, 2] < 1e-9)
-    test = ensembling.stacking_fit_predict(members, y_true, members)
+    test = blending.stacking_fit_predict(members, y_true, members)
     assert_probability_rows(test, 10, 3)
 
 
 def test_stacking_rejects_a_single_fold():
     with pytest.raises(ValueError, match="folds"):
-        ensembling.stacking_oof([MEMBER_A], [0, 1, 1], [0, 0, 0])
+        blending.stacking_oof([MEMBER_A], [0, 1, 1], [0, 0, 0])
 
 
 # --- class offsets ----------------------------------------------------------------------------
@@ -228,9 +228,9 @@ def test_class_offsets_fix_an_under_predicted_class():
     logits[np.arange(n_rows), y_true] += 2.0
     logits[:, 2] -= 2.0  # class 2 systematically under-predicted
     proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    offsets = ensembling.fit_class_offsets(proba, y_true)
+    offsets = blending.fit_class_offsets(proba, y_true)
     before = metrics.score("macro_f1", y_true, proba)
-    after = metrics.score("macro_f1", y_true, ensembling.apply_class_offsets(proba, offsets))
+    after = metrics.score("macro_f1", y_true, blending.apply_class_offsets(proba, offsets))
     assert after > before + 0.05
     assert offsets[2] - offsets[:2].mean() > 1.0
 
@@ -240,27 +240,27 @@ def test_class_offsets_never_make_the_oof_score_worse(seed):
     random = np.random.default_rng(seed)
     y_true = random.integers(0, 4, size=80)
     proba = random.dirichlet(np.ones(4), size=80)
-    offsets = ensembling.fit_class_offsets(proba, y_true, n_rounds=2)
+    offsets = blending.fit_class_offsets(proba, y_true, n_rounds=2)
     before = metrics.score("macro_f1", y_true, proba)
-    after = metrics.score("macro_f1", y_true, ensembling.apply_class_offsets(proba, offsets))
+    after = metrics.score("macro_f1", y_true, blending.apply_class_offsets(proba, offsets))
     assert after >= before
 
 
 def test_class_offsets_stay_zero_when_nothing_improves():
     y_true = np.array([0, 1, 2, 1])
-    offsets = ensembling.fit_class_offsets(np.eye(3)[y_true] * 0.8 + 0.2 / 3, y_true)
+    offsets = blending.fit_class_offsets(np.eye(3)[y_true] * 0.8 + 0.2 / 3, y_true)
     np.testing.assert_array_equal(offsets, np.zeros(3))
 
 
 def test_apply_class_offsets_by_hand():
     # log([0.5, 0.5]) + [ln 3, 0] -> softmax proportional to 1.5 : 0.5
-    result = ensembling.apply_class_offsets([[0.5, 0.5]], [np.log(3.0), 0.0])
+    result = blending.apply_class_offsets([[0.5, 0.5]], [np.log(3.0), 0.0])
     np.testing.assert_allclose(result, [[0.75, 0.25]])
 
 
 # --- run_method / select_best -----------------------------------------------------------------
 
-@pytest.mark.parametrize("method", list(ensembling.METHODS))
+@pytest.mark.parametrize("method", list(blending.METHODS))
 def test_every_method_returns_clean_rows_even_with_exact_zeros(method):
     y_true, good, noise = informative_and_noise(n_rows=60)
     one_hot = np.eye(3)[(y_true + 1) % 3]  # confidently wrong, full of exact zeros
@@ -269,7 +269,7 @@ def test_every_method_returns_clean_rows_even_with_exact_zeros(method):
     zero_column /= zero_column.sum(axis=1, keepdims=True)
     oof_members = [good, noise, one_hot, zero_column]
     test_members = [member[:25] for member in oof_members]
-    result = ensembling.run_method(method, oof_members, y_true, np.arange(60) % 3,
+    result = blending.run_method(method, oof_members, y_true, np.arange(60) % 3,
                                    test_members, "macro_f1")
     assert_probability_rows(result["oof"], 60, 3)
     assert_probability_rows(result["test"], 25, 3)
@@ -282,9 +282,9 @@ def test_every_method_returns_clean_rows_even_with_exact_zeros(method):
 
 def test_run_method_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"soft.*stacking"):
-        ensembling.run_method("blend", [MEMBER_A], [0, 1, 1], [0, 1, 2], [MEMBER_A], "accuracy")
+        blending.run_method("blend", [MEMBER_A], [0, 1, 1], [0, 1, 2], [MEMBER_A], "accuracy")
     with pytest.raises(ValueError, match="macro_f1"):
-        ensembling.run_method("soft", [MEMBER_A], [0, 1, 1], [0, 1, 2], [MEMBER_A], "f2")
+        blending.run_method("soft", [MEMBER_A], [0, 1, 1], [0, 1, 2], [MEMBER_A], "f2")
 
 
 @pytest.mark.parametrize(
@@ -298,11 +298,11 @@ def test_run_method_rejects_unknown_names():
     ],
 )
 def test_select_best(scores, metric, expected):
-    assert ensembling.select_best(scores, metric) == expected
+    assert blending.select_best(scores, metric) == expected
 
 
 def test_select_best_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"soft.*stacking"):
-        ensembling.select_best({"blend": 0.5}, "accuracy")
+        blending.select_best({"blend": 0.5}, "accuracy")
     with pytest.raises(ValueError, match="macro_f1"):
-        ensembling.select_best({"soft": 0.5}, "f2")
+        blending.select_best({"soft": 0.5}, "f2")

@@ -1,0 +1,396 @@
+"""The k-fold engine: the data a backbone trains on, one fold trained start to finish, and the folds.
+
+One fold is three parts, each readable alone:
+
+- ``build_fold``: the model, loss, optimizer, scheduler, EMA and mixup of the fold (``pipeline.builders``);
+- ``FoldStore``: the fold's folder (``done.json`` and the validation probabilities when finished,
+  ``last.pt`` to resume, ``best.pt`` for infer). Tuning trials use ``FoldStore(None, ...)``, which
+  keeps nothing on disk;
+- ``train_fold``: the epoch loop (train one epoch, validate, remember the best, save, stop early).
+
+A fold that finished with the same settings is not trained again; a fold killed mid-way
+continues from last.pt (model, optimizer, scheduler, EMA, epoch); changed settings start the fold
+afresh. Each epoch is seeded from (seed, fold, epoch), so the same config gives the same OOF on
+the CPU, resumed or not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from pydantic import ValidationError
+
+from pipeline import builders, layout, metrics
+from pipeline.artifacts import atomic_path, write_json
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.competition import encode_labels
+from pipeline.config import Config
+from pipeline.engine import StepState, autocast_dtype, predict_logits, resolve_device, seed_everything, train_one_epoch
+from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.images import Cache
+from pipeline.models import Heads, create_model, set_backbone_frozen
+from pipeline.tables import read_folds
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass
+class TrainingData:
+    """Everything a fold needs, read once per backbone."""
+
+    images: np.ndarray  # memory-mapped N x H x W x C uint8
+    ids: np.ndarray
+    folds: np.ndarray
+    targets: np.ndarray  # N x (heads + aux) class indices
+    labels: np.ndarray  # N submitted-class indices
+    heads: Heads
+    mean: list[float]
+    std: list[float]
+
+
+def load_training_data(cfg: Config) -> TrainingData:
+    """Join the cache with folds.csv and encode every head's labels."""
+    cache = Cache.open(cfg)
+    table = cache.table("train")
+    folds = read_folds(cfg)
+    if set(folds["id"].astype(str)) != set(table["id"].astype(str)):
+        raise DataError(f"{layout.folds_file(cfg)} and the image cache hold different ids: "
+                        f"re-run folds after prepare")
+    fold_of = dict(zip(folds["id"].astype(str), folds["fold"].astype(int)))
+    heads = Heads.from_meta(cache.meta, cfg.data.aux_cols)
+    columns = []
+    for name, class_names in heads.heads + heads.aux:
+        column = "target" if name == "target" else name
+        columns.append(encode_labels(table[column], class_names, f"column {column!r} of the cache"))
+    targets = np.stack(columns, axis=1)
+    labels = encode_labels(table["target"], heads.class_names, "the cache")
+    return TrainingData(images=cache.images("train"), ids=table["id"].astype(str).to_numpy(),
+                        folds=np.array([fold_of[i] for i in table["id"].astype(str)]), targets=targets,
+                        labels=labels, heads=heads, mean=cache.mean, std=cache.std)
+
+
+def tuned_config(cfg: Config, backbone: str) -> Config:
+    """The config with this backbone's own overrides (``backbones.<name>``), then its tuned parameters
+    when tuning found some and use_tuned is on."""
+    cfg = cfg.for_backbone(backbone)
+    path = layout.best_params_file(cfg, backbone)
+    if not cfg.train.use_tuned or not path.exists():
+        return cfg
+    fix = "delete it and re-run tune, or set train.use_tuned=false"
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML ({error}); {fix}") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} must map train keys to values; {fix}")
+    unknown = [k for k in params if k not in type(cfg.train).model_fields]
+    if unknown:
+        raise ConfigError(f"{path} names unknown train key(s) {unknown}; {fix}")
+    try:
+        return cfg.with_train(params)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                             for e in error.errors())
+        raise ConfigError(f"{path} sets invalid values: {problems}; {fix}") from None
+
+
+def settings_key(cfg: Config, backbone: str, data: TrainingData, fold: int) -> str:
+    """A digest of everything a fold's result depends on; a change starts the fold afresh."""
+    relevant = {"backbone": backbone, "fold": fold, "train": cfg.train.model_dump(exclude={"folds"}),
+                "runtime": cfg.runtime.model_dump(exclude={"num_workers", "eval_batch_size"}), "metric": cfg.metric,
+                "data": [list(cfg.data.size_hw), cfg.data.channels, cfg.data.aux_cols],
+                "heads": data.heads.to_dict()}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
+    # The ids as text: an object array's bytes are pointers, different in every process, which
+    # made every new process see "changed settings" and never resume or skip a finished fold.
+    digest.update("\0".join(map(str, data.ids)).encode())
+    digest.update(data.folds.tobytes())
+    digest.update(data.targets.tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- one fold: what is built, what is kept
+
+@dataclass
+class FoldBuild:
+    """The objects that train one fold."""
+
+    model: torch.nn.Module
+    forward_model: torch.nn.Module  # the model, or its torch.compile'd form
+    compute_loss: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    per_update: bool  # the scheduler steps per optimizer update (else per epoch, on the score)
+    scaler: object
+    ema: object
+    mixup: object
+    state: StepState = field(default_factory=StepState)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """What is validated and saved as best.pt: the EMA weights when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+@dataclass
+class FoldProgress:
+    """Where a fold stands: resumed from last.pt, returned when it ends."""
+
+    start_epoch: int = 0
+    best_score: float | None = None
+    best_epoch: int = -1
+    stale: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_proba: np.ndarray | None = None
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    best_score: float
+    best_epoch: int
+    validation_indices: np.ndarray
+    validation_proba: np.ndarray
+    history: list[dict]
+
+
+def build_fold(cfg: Config, backbone: str, data: TrainingData, train_indices: np.ndarray, epochs: int,
+               device: torch.device, amp) -> FoldBuild:
+    """Model (seeded by the caller), loss, optimizer, scheduler, AMP scaler, EMA and mixup of one fold."""
+    model = create_model(backbone, data.heads, cfg.data.channels, data.mean, data.std, cfg.train.pretrained,
+                         cfg.train.pretrained_file, cfg.train.drop_rate, cfg.train.drop_path_rate).to(device)
+    if cfg.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    compute_loss, losses = builders.make_loss(cfg, data.heads, data.targets[train_indices])
+    for loss in losses:
+        loss.to(device)
+    optimizer = builders.make_optimizer(cfg, model)
+    probe_loader = builders.make_train_loader(cfg, data, train_indices, device, seed=0)
+    steps_per_epoch = max(1, -(-len(probe_loader) // cfg.train.accumulate))
+    scheduler, per_update = builders.make_scheduler(cfg, optimizer, steps_per_epoch, epochs)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    ema = None
+    if cfg.train.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+    mixup = builders.make_mixup(cfg, data.heads)
+    forward_model = torch.compile(model) if cfg.runtime.compile else model
+    return FoldBuild(model, forward_model, compute_loss, optimizer, scheduler, per_update, scaler, ema, mixup)
+
+
+class FoldStore:
+    """A fold's folder, or nothing (``folder=None``: a tuning trial keeps nothing on disk).
+
+    done.json + validation.npy mark a finished fold (with its settings key), last.pt is the
+    state to resume from after each epoch, best.pt the best epoch's weights for infer.
+    """
+
+    def __init__(self, folder: Path | None, key: str, label: str):
+        self.folder, self.key, self.label = folder, key, label
+        self.live = None
+
+    def finished(self) -> dict | None:
+        """The summary of a fold finished with the same settings, else None."""
+        if self.folder is None:
+            return None
+        done, validation = self.folder / layout.FOLD_DONE, self.folder / layout.FOLD_VALIDATION
+        if not (done.exists() and validation.exists()):
+            return None
+        summary = json.loads(done.read_text())
+        return {**summary, "proba": np.load(validation)} if summary.get("key") == self.key else None
+
+    def resume(self, build: FoldBuild, epochs: int) -> FoldProgress:
+        """The progress saved in last.pt, loaded into ``build``; a fresh start when there is none or it is stale."""
+        last = self.folder / layout.FOLD_LAST if self.folder is not None else None
+        if last is None or not last.exists():
+            return FoldProgress()
+        checkpoint = load_checkpoint(last)
+        if checkpoint.get("key") != self.key:
+            print(f"{self.label}: settings changed since {last}; starting afresh", file=sys.stderr)
+            return FoldProgress()
+        build.model.load_state_dict(checkpoint["model"])
+        build.optimizer.load_state_dict(checkpoint["optimizer"])
+        for name in ("scheduler", "ema", "scaler"):
+            part = getattr(build, name)
+            if part is not None and checkpoint.get(name) is not None:
+                part.load_state_dict(checkpoint[name])
+        build.state.updates = checkpoint["updates"]
+        progress = FoldProgress(checkpoint["epoch"] + 1, checkpoint["best_score"], checkpoint["best_epoch"],
+                                checkpoint["stale"], checkpoint["history"], checkpoint.get("best_proba"))
+        print(f"{self.label}: resuming from {last} at epoch {progress.start_epoch + 1}/{epochs}", file=sys.stderr)
+        return progress
+
+    def open_curves(self, cfg: Config, backbone: str, fold: int, resume: bool) -> None:
+        """A DVCLive logger for the fold's per-epoch curves (plots only: no DVC experiment is created from here)."""
+        if self.folder is None:
+            return
+        from dvclive import Live
+
+        folder = layout.curves_dir(cfg, backbone) / f"fold{fold}"
+        if not resume:
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            self.live = Live(dir=str(folder), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+        except Exception as error:  # dvclive probes git and DVC; a repo it cannot read must not stop training
+            print(f"{self.label}: per-epoch curves off, DVCLive failed: {error}", file=sys.stderr)
+
+    def save_epoch(self, record: dict, payload: dict, build: FoldBuild, progress: FoldProgress,
+                   improved: bool) -> None:
+        """Log the epoch's curves; write best.pt when it improved and last.pt always."""
+        if self.live is not None:
+            for name, value in record.items():
+                if name not in ("epoch", "seconds"):
+                    self.live.log_metric(name, value)
+            self.live.next_step()
+        if self.folder is None:
+            return
+        if improved:
+            save_checkpoint(self.folder / layout.checkpoint_name("best"), payload)
+        parts = {name: getattr(build, name).state_dict() if getattr(build, name) is not None else None
+                 for name in ("optimizer", "scheduler", "ema", "scaler")}
+        save_checkpoint(self.folder / layout.FOLD_LAST, {
+            **payload, "model": build.model.state_dict(), **parts, "updates": build.state.updates,
+            "best_score": progress.best_score, "best_epoch": progress.best_epoch, "stale": progress.stale,
+            "history": progress.history, "best_proba": progress.best_proba})
+
+    def finish(self, progress: FoldProgress) -> None:
+        if self.live is not None:
+            self.live.end()
+        if self.folder is None:
+            return
+        with atomic_path(self.folder / layout.FOLD_VALIDATION) as temporary, open(temporary, "wb") as handle:
+            np.save(handle, progress.best_proba)
+        write_json(self.folder / layout.FOLD_DONE, {"key": self.key, "best_score": progress.best_score,
+                                                    "best_epoch": progress.best_epoch, "history": progress.history})
+
+
+# ---------------------------------------------------------------- one fold: the epoch loop
+
+def fold_indices(cfg: Config, data: TrainingData, fold: int, train_subset: int | None):
+    """(training, validation) row indices of a fold; ``train_subset`` draws a seeded subset of the training rows."""
+    train_indices = np.flatnonzero(data.folds != fold)
+    validation_indices = np.flatnonzero(data.folds == fold)
+    if train_subset and train_subset < len(train_indices):
+        rng = np.random.default_rng(cfg.train.seed + fold)
+        train_indices = np.sort(rng.choice(train_indices, train_subset, replace=False))
+    if len(validation_indices) == 0:
+        raise DataError(f"fold {fold} has no validation images in {layout.folds_file(cfg)}")
+    return train_indices, validation_indices
+
+
+def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_dir: Path | None,
+               on_epoch=None, epochs: int | None = None, train_subset: int | None = None) -> FoldResult:
+    """Train one fold; returns the best epoch's validation probabilities.
+
+    ``out_dir`` (None: keep nothing on disk, as tuning trials do) receives best.pt, last.pt and
+    done.json. ``on_epoch(epoch, score)`` is called after every validation, which is how Optuna
+    prunes; it may raise to stop the fold.
+    """
+    epochs = epochs or cfg.train.epochs
+    label = f"[{backbone}] fold {fold}"
+    device = resolve_device(cfg.runtime.device)
+    amp = autocast_dtype(cfg.runtime.amp, device)
+    train_indices, validation_indices = fold_indices(cfg, data, fold, train_subset)
+    store = FoldStore(out_dir, settings_key(cfg, backbone, data, fold), label)
+    done = store.finished()
+    if done is not None:
+        print(f"{label}: already trained (best {cfg.metric} {done['best_score']:.4f} at epoch "
+              f"{done['best_epoch']}), skipped", file=sys.stderr)
+        return FoldResult(fold, done["best_score"], done["best_epoch"], validation_indices, done["proba"],
+                          done["history"])
+
+    seed_everything(cfg.train.seed + 1000 * fold)
+    build = build_fold(cfg, backbone, data, train_indices, epochs, device, amp)
+    progress = store.resume(build, epochs)
+    store.open_curves(cfg, backbone, fold, resume=progress.start_epoch > 0)
+    eval_loader = builders.make_eval_loader(cfg, data.images, validation_indices, device,
+                                            cfg.runtime.eval_batch_size)
+    y_true = data.labels[validation_indices]
+    for epoch in range(progress.start_epoch, epochs):
+        started = time.perf_counter()
+        train_loss = run_epoch(cfg, build, data, train_indices, fold, epoch, epochs, label, device, amp)
+        logits = predict_logits(build.evaluated, eval_loader, device, amp=amp,
+                                channels_last=cfg.runtime.channels_last, desc="validate")
+        proba = data.heads.probabilities(logits).numpy().astype(np.float64)
+        if not np.isfinite(proba).all():
+            raise PipelineError(f"{label} epoch {epoch + 1}: the model's outputs became NaN or infinite (the "
+                                f"weights diverged): lower train.lr, set train.grad_clip (e.g. 1.0) or "
+                                f"runtime.amp=off")
+        record, improved = score_epoch(cfg, build, progress, y_true, proba, epoch, train_loss, started)
+        print(f"{label} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} val_loss {record['val_loss']:.4f} "
+              f"{cfg.metric} {record[cfg.metric]:.4f}{' *' if improved else ''} ({record['seconds']}s)",
+              file=sys.stderr)
+        payload = {"model": build.evaluated.state_dict(), "backbone": backbone, "heads": data.heads.to_dict(),
+                   "in_chans": cfg.data.channels, "mean": data.mean, "std": data.std,
+                   "config": cfg.model_dump(mode="json"), "epoch": epoch, "score": record[cfg.metric],
+                   "key": store.key}
+        store.save_epoch({k: record[k] for k in ("train_loss", "val_loss", cfg.metric, "lr")}, payload, build,
+                         progress, improved)
+        if on_epoch is not None:
+            on_epoch(epoch, record[cfg.metric])
+        if cfg.train.patience and progress.stale >= cfg.train.patience:
+            print(f"{label}: no improvement for {progress.stale} epochs, stopping early", file=sys.stderr)
+            break
+    store.finish(progress)
+    return FoldResult(fold, progress.best_score, progress.best_epoch, validation_indices, progress.best_proba,
+                      progress.history)
+
+
+def run_epoch(cfg: Config, build: FoldBuild, data: TrainingData, train_indices, fold: int, epoch: int,
+              epochs: int, label: str, device, amp) -> float:
+    """One training epoch, seeded from (seed, fold, epoch) so that a resumed run repeats the uninterrupted one."""
+    epoch_seed = cfg.train.seed + 1000 * fold + epoch
+    seed_everything(epoch_seed)
+    frozen = epoch < cfg.train.freeze_epochs
+    set_backbone_frozen(build.model, frozen)
+    loader = builders.make_train_loader(cfg, data, train_indices, device, seed=epoch_seed)
+    return train_one_epoch(
+        build.forward_model, loader, build.optimizer, build.compute_loss, device, state=build.state,
+        scheduler=build.scheduler, per_update_scheduler=build.per_update, amp=amp, scaler=build.scaler,
+        accumulate=cfg.train.accumulate, grad_clip=cfg.train.grad_clip, ema=build.ema, mixup=build.mixup,
+        channels_last=cfg.runtime.channels_last, batch_augment=builders.make_batch_augment(cfg, epoch_seed),
+        desc=f"{label} epoch {epoch + 1}/{epochs}" + (" (frozen)" if frozen else ""))
+
+
+def score_epoch(cfg: Config, build: FoldBuild, progress: FoldProgress, y_true, proba, epoch: int,
+                train_loss: float, started: float) -> tuple[dict, bool]:
+    """Score the epoch's validation, step an epoch scheduler, update the best; returns (record, improved)."""
+    score = metrics.score(cfg.metric, y_true, proba)
+    validation_loss = metrics.score("log_loss", y_true, proba)
+    if build.scheduler is not None and not build.per_update:
+        build.scheduler.step(epoch + 1, score if metrics.greater_is_better(cfg.metric) else -score)
+    improved = progress.best_score is None or metrics.better(cfg.metric, score, progress.best_score)
+    if improved:
+        progress.best_score, progress.best_epoch, progress.stale, progress.best_proba = score, epoch, 0, proba
+    else:
+        progress.stale += 1
+    record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": validation_loss, cfg.metric: score,
+              "lr": build.optimizer.param_groups[-1]["lr"], "seconds": round(time.perf_counter() - started, 2)}
+    progress.history.append(record)
+    return record, improved
+
+
+# ---------------------------------------------------------------- the folds of one backbone
+
+def cross_validate(cfg: Config, backbone: str, data: TrainingData, out_dir: Path | None, folds: list[int],
+                   on_fold=None, on_epoch=None, epochs: int | None = None, train_subset: int | None = None):
+    """Train the given folds; returns their FoldResults. ``on_fold(index, score)`` follows each fold."""
+    results = []
+    for position, fold in enumerate(folds):
+        callback = (lambda epoch, score, fold=fold: on_epoch(fold, epoch, score)) if on_epoch else None
+        fold_dir = out_dir / f"fold{fold}" if out_dir is not None else None
+        result = train_fold(cfg, backbone, data, fold, fold_dir, callback, epochs, train_subset)
+        results.append(result)
+        if on_fold is not None:
+            on_fold(position, result.best_score)
+    return results

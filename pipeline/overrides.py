@@ -1,0 +1,150 @@
+"""Loading a config: a YAML file plus dotted overrides, merged, validated, and explained when wrong.
+
+The machinery behind ``pipeline.config.load_config`` (which re-exports these names), written for any
+pydantic model so that it needs nothing from ``pipeline.config``: parsing ``train.lr=3e-4`` overrides,
+merging them into the file, turning pydantic's errors into one ``ConfigError`` that names each bad key
+and the valid keys beside it, the per-backbone override checks, and the ``--dump`` command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipeline.errors import ConfigError
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=1e-3", "backbones=[a,b]"]`` -> a nested dict, values parsed as YAML."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "space":
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _valid_keys(model: type[BaseModel], location: tuple) -> list[str]:
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _explain(error: ValidationError, source: str, model: type[BaseModel]) -> ConfigError:
+    lines = []
+    for item in error.errors():
+        location = tuple(p for p in item["loc"] if not str(p).startswith(("function-", "literal[")))
+        key = ".".join(str(p) for p in location) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            valid = _valid_keys(model, location)
+            close = difflib.get_close_matches(str(location[-1]), valid, n=1)
+            hint = f"; did you mean '{'.'.join([*map(str, location[:-1]), close[0]])}'?" if close else ""
+            lines.append(f"unknown key '{key}'{hint} (valid keys here: {', '.join(valid)})")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"'{key}': {message} (got {item.get('input')!r})")
+    return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
+
+
+def load_model(model: type[BaseModel], path: str | Path | None, overrides: list[str] | tuple = ()) -> Any:
+    """Read a YAML file (None: the defaults), apply dotted overrides, validate as ``model``."""
+    raw: dict = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    raw = deep_merge(raw, parse_overrides(list(overrides)))
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise _explain(error, source, model) from None
+
+
+def dump(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_none=False), sort_keys=False)
+
+
+def backbone_mapping(value):
+    """``backbones`` as given (a list of names or a mapping) -> name -> its train overrides ({} for none)."""
+    if isinstance(value, list):
+        names = [str(v) for v in value]
+        if len(set(names)) != len(names):
+            raise ValueError("a backbone is listed twice")
+        value = {name: {} for name in names}
+    if not value:
+        raise ValueError("list at least one timm backbone")
+    if isinstance(value, dict):
+        value = {name: overrides or {} for name, overrides in value.items()}
+    return value
+
+
+def check_backbone_overrides(backbones: dict[str, dict], train: BaseModel) -> None:
+    """Each backbone's overrides name only keys of ``train``'s model and give them valid values (ValueError)."""
+    model = type(train)
+    for name, overrides in backbones.items():
+        unknown = [key for key in overrides if key not in model.model_fields]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(model.model_fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"backbones.{name} sets unknown train key(s) {unknown}{hint} "
+                             f"(valid: {', '.join(model.model_fields)})")
+        try:
+            model.model_validate({**train.model_dump(), **overrides})
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ValueError(f"backbones.{name}.{first['loc'][0]}: {first['msg']}") from None
+
+
+def run_cli(load: Callable[..., BaseModel], argv: list[str] | None = None) -> None:
+    """``python -m pipeline.config``: validate a config and print it resolved (``--dump``: the defaults)."""
+    parser = argparse.ArgumentParser(description="Validate a config and print it resolved.")
+    parser.add_argument("--config", default="params.yaml")
+    parser.add_argument("--dump", action="store_true", help="print the defaults (for params.yaml)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        config = load(None if args.dump else args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(dump(config), end="")

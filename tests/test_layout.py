@@ -1,0 +1,106 @@
+"""dvc.yaml agrees with the code: every out is a path pipeline.layout names, every stage's code deps are
+the pipeline modules its script imports (directly or through other modules)."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import layout
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["prepare", "eda", "folds", "tune", "train", "infer", "ensemble", "submit"]
+PER_BACKBONE = {"tune", "train", "infer"}
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def render(text: str, params: dict, key: str | None = None) -> str:
+    """DVC's ``${a.b}`` interpolation from params.yaml (and ``${key}`` of a foreach stage)."""
+    def lookup(match):
+        name = match.group(1)
+        if name == "key":
+            return key
+        value = params
+        for part in name.split("."):
+            value = value[part]
+        return str(value)
+
+    return re.sub(r"\$\{([^}]+)\}", lookup, text)
+
+
+def entries(items) -> list[str]:
+    """Paths of a dvc.yaml outs/deps/metrics list (plain strings or one-key mappings)."""
+    return [next(iter(item)) if isinstance(item, dict) else item for item in items or []]
+
+
+def stage_body(stage: str) -> dict:
+    body = dvc_stages()[stage]
+    return body["do"] if "foreach" in body else body
+
+
+def imported_modules(module: str) -> set[str]:
+    """The pipeline modules ``pipeline/<module>.py`` imports, directly and through other pipeline modules."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((ROOT / "pipeline" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
+                todo.append(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")]
+    return seen
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_outs_are_the_layout_paths(stage):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = load_config(ROOT / "params.yaml")
+    body = stage_body(stage)
+    backbones = list(cfg.backbones) if stage in PER_BACKBONE else [None]
+    for backbone in backbones:
+        declared = sorted(render(p, params, backbone) for p in entries(body.get("outs")) + entries(body.get("metrics")))
+        expected = sorted(str(p) for p in layout.stage_outputs(cfg, stage, backbone))
+        assert declared == expected, f"dvc.yaml's {stage} outs differ from layout.stage_outputs"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_code_deps_are_the_imported_modules(stage):
+    declared = {Path(p).stem for p in entries(stage_body(stage)["deps"]) if p.startswith("pipeline/")}
+    assert declared == imported_modules(stage), (
+        f"dvc.yaml's {stage} code deps should be exactly the modules pipeline/{stage}.py imports")
+
+
+def test_dvc_data_deps_are_outputs_of_earlier_stages():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = load_config(ROOT / "params.yaml")
+    produced = [str(p) for stage in STAGES for backbone in (cfg.backbones if stage in PER_BACKBONE else [None])
+                for p in layout.stage_outputs(cfg, stage, backbone)]
+    for stage in STAGES:
+        for backbone in (cfg.backbones if stage in PER_BACKBONE else [None]):
+            for dep in entries(stage_body(stage)["deps"]):
+                if dep.startswith("pipeline/"):
+                    continue
+                path = render(dep, params, backbone)
+                # A file of an output folder, an output itself, or a folder of several outputs (preds/).
+                assert any(path == out or path.startswith(out + "/") or out.startswith(path + "/")
+                           for out in produced), (
+                    f"{stage} depends on {path}, which no stage's layout outputs hold")
+
+
+def test_the_check_fails_on_a_misspelt_out(monkeypatch):
+    """The layout check is not vacuous: a file name spelt differently in layout fails it."""
+    monkeypatch.setattr(layout, "ENSEMBLE_SCORES", "score.json")
+    with pytest.raises(AssertionError, match="ensemble outs differ"):
+        test_dvc_outs_are_the_layout_paths("ensemble")
