@@ -289,13 +289,36 @@ def _check_same_members(stack: np.ndarray, test_stack: np.ndarray) -> None:
         )
 
 
+def cross_fit(fit, apply, oof, y_true, folds) -> np.ndarray:
+    """Honest OOF of something learnt from OOF: each fold's rows get ``apply(rows, fit(other folds' rows))``.
+
+    ``oof`` is M x N x C (members; rows are axis 1) or N x C (one prediction); ``fit(oof_part, y_part)
+    -> params`` and ``apply(oof_part, params) -> rows x C`` take the same kind of part. A row is never
+    scored by parameters that saw it, as with stacking.
+    """
+    folds = np.asarray(folds)
+    members = oof.ndim == 3
+    rows = oof.shape[1] if members else oof.shape[0]
+    if folds.shape != (rows,):
+        raise ValueError(f"folds must have one entry per OOF row ({rows}), got shape {folds.shape}")
+    if len(np.unique(folds)) < 2:
+        raise ValueError("cross-fitting needs at least 2 folds")
+    result = np.empty((rows, oof.shape[-1]))
+    for fold in np.unique(folds):
+        held = folds == fold
+        train_part = oof[:, ~held] if members else oof[~held]
+        held_part = oof[:, held] if members else oof[held]
+        result[held] = apply(held_part, fit(train_part, y_true[~held]))
+    return result
+
+
 def run_method(name: str, oof_members, y_true, folds, test_members, metric: str) -> dict:
     """OOF and test predictions of one ensembling method -> {"oof", "test", "weights"}.
 
-    `weights` is a list for `weighted` and `caruana`, else None. Those two fit
-    their weights on all OOF rows and score that same OOF, so their OOF score is
-    mildly optimistic; `stacking` is cross-fitted with `folds` and its OOF score
-    is honest. The other methods learn nothing. `rank` ranks test rows among the
+    `weights` is a list for `weighted` and `caruana`, else None. Their test weights are fit on all
+    OOF rows; their OOF is cross-fitted (each fold blended with weights fit on the other folds),
+    so every method's OOF score is honest and `auto` compares like with like. `stacking` is
+    cross-fitted the same way. The other methods learn nothing. `rank` ranks test rows among the
     test rows.
     """
     if name not in METHODS:
@@ -305,26 +328,18 @@ def run_method(name: str, oof_members, y_true, folds, test_members, metric: str)
     test_stack = as_stack(test_members, "test_members")
     _check_same_members(stack, test_stack)
     y_true = check_labels(y_true, stack.shape[1], stack.shape[2])
-    weights = None
-    if name == "soft":
-        oof, test = soft_vote(stack), soft_vote(test_stack)
-    elif name == "hard":
-        oof, test = hard_vote(stack), hard_vote(test_stack)
-    elif name == "geometric":
-        oof, test = geometric_mean(stack), geometric_mean(test_stack)
-    elif name == "rank":
-        oof, test = rank_average(stack), rank_average(test_stack)
-    elif name in ("weighted", "caruana"):
-        if name == "weighted":
-            weights = fit_weights(stack, y_true, metric)
-        else:
-            weights = caruana_selection(stack, y_true, metric)
-        oof, test = soft_vote(stack, weights), soft_vote(test_stack, weights)
-        weights = weights.tolist()
-    else:
+    if name in ("weighted", "caruana"):
+        def fit(part, labels):
+            return fit_weights(part, labels, metric) if name == "weighted" else caruana_selection(part, labels, metric)
+
+        weights = fit(stack, y_true)
+        return {"oof": cross_fit(fit, soft_vote, stack, y_true, folds), "test": soft_vote(test_stack, weights),
+                "weights": weights.tolist()}
+    if name == "stacking":
         oof, _ = stacking_oof(stack, y_true, folds)
-        test = stacking_fit_predict(stack, y_true, test_stack)
-    return {"oof": oof, "test": test, "weights": weights}
+        return {"oof": oof, "test": stacking_fit_predict(stack, y_true, test_stack), "weights": None}
+    vote = {"soft": soft_vote, "hard": hard_vote, "geometric": geometric_mean, "rank": rank_average}[name]
+    return {"oof": vote(stack), "test": vote(test_stack), "weights": None}
 
 
 def select_best(scores: dict, metric: str) -> str:

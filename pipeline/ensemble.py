@@ -11,9 +11,11 @@ Writes: ``paths.ensemble``/ oof.parquet (id, fold, classes), test.parquet (id, c
 
 Every method of ``ensemble.methods`` runs on the same members, aligned by id, and is scored on
 OOF with ``metric``, accuracy and log loss next to every single model. ``ensemble.method:
-auto`` takes the best OOF score; test labels are never read here. With one backbone the
-ensemble is that model. ``ensemble.class_offsets`` then shifts per-class log-probabilities fit on
-the chosen OOF. The math lives in ``pipeline.voting`` and ``pipeline.blending``; this module only reads, checks, writes.
+auto`` takes the best OOF score; test labels are never read here. Every learnt combination (weights,
+Caruana, stacking, class offsets) is cross-fitted over the folds on OOF, so each OOF score is an honest
+estimate and ``auto`` compares like with like. With one backbone the ensemble is that model.
+``ensemble.class_offsets`` then shifts per-class log-probabilities of the chosen method. The math lives
+in ``pipeline.voting`` and ``pipeline.blending``; this module only reads, checks, writes.
 """
 
 from __future__ import annotations
@@ -214,9 +216,9 @@ test labels are never used). Ensemble OOF {scores['metric']} {scores['oof_score'
 
 {markdown_table(table)}
 
-`weighted` and `caruana` fit their weights on the same OOF they are scored on, so their score is mildly
-optimistic; `stacking` is cross-fitted over the folds and honest. `rank` is a score, not probabilities, and
-`hard` is one-hot: ignore their log loss.
+Every OOF score here is honest: `weighted`, `caruana` and `stacking` are cross-fitted (each fold blended by
+weights or a stacker fit on the other folds; the test uses weights fit on all OOF rows). `rank` is a score,
+not probabilities, and `hard` is one-hot: ignore their log loss.
 {offsets_note}
 OOF files used:
 
@@ -254,7 +256,8 @@ def score_table(members: Members, results: dict, metric: str) -> pd.DataFrame:
 
 
 def apply_offsets(cfg: Config, members: Members, chosen: str, result: dict, class_names: list[str]) -> Choice:
-    """The chosen method's output, with per-class offsets fit on its OOF when ``ensemble.class_offsets``."""
+    """The chosen method's output, with per-class offsets when ``ensemble.class_offsets``: the test's fit on
+    all OOF rows, the OOF's cross-fitted (each fold shifted by offsets fit on the other folds)."""
     metric, y_true = cfg.metric, members.y_true
     before = metrics.score(metric, y_true, result["oof"])
     choice = Choice(chosen, chosen, result["oof"], result["test"], result["weights"], None, before)
@@ -262,12 +265,13 @@ def apply_offsets(cfg: Config, members: Members, chosen: str, result: dict, clas
         return choice
     offsets = blending.fit_class_offsets(result["oof"], y_true, metric)
     choice.method, choice.offsets = f"{chosen}+offsets", offsets
-    choice.oof = blending.apply_class_offsets(result["oof"], offsets)
+    choice.oof = blending.cross_fit(lambda part, labels: blending.fit_class_offsets(part, labels, metric),
+                                    blending.apply_class_offsets, result["oof"], y_true, members.folds)
     choice.test = blending.apply_class_offsets(result["test"], offsets)
     choice.offsets_note = (
         f"Class offsets {dict(zip(class_names, np.round(offsets, 3).tolist()))}: OOF {metric} {before:.4f} "
-        f"before, {metrics.score(metric, y_true, choice.oof):.4f} after. They are fit on this same OOF, "
-        f"so the after-score is optimistic.")
+        f"before, {metrics.score(metric, y_true, choice.oof):.4f} after, cross-fitted (each fold shifted by "
+        f"offsets fit on the other folds), so the after-score is honest and may be lower.")
     return choice
 
 

@@ -280,6 +280,41 @@ def test_every_method_returns_clean_rows_even_with_exact_zeros(method):
         assert result["weights"] is None
 
 
+def test_cross_fit_by_hand():
+    # fit: the class shares of the other folds' labels; apply: that share on every held row.
+    oof = np.full((4, 2), 0.5)
+    y_true = np.array([0, 0, 1, 1])
+    folds = np.array([0, 0, 1, 1])
+
+    def fit(part, labels):
+        return np.bincount(labels, minlength=2) / len(labels)
+
+    def apply(part, shares):
+        return np.tile(shares, (len(part), 1))
+
+    # Fold 0's rows only see fold 1's labels (all 1) and the other way round.
+    expected = [[0, 1], [0, 1], [1, 0], [1, 0]]
+    np.testing.assert_array_equal(blending.cross_fit(fit, apply, oof, y_true, folds), expected)
+    with pytest.raises(ValueError, match="2 folds"):
+        blending.cross_fit(fit, apply, oof, y_true, np.zeros(4, dtype=int))
+
+
+@pytest.mark.parametrize("method", ["weighted", "caruana"])
+def test_learnt_weights_are_cross_fitted_on_oof_and_fit_on_all_rows_for_test(method):
+    y_true, good, noise = informative_and_noise(n_rows=60)
+    stack = np.stack([good, noise, 0.5 * (good + noise)])
+    folds = np.arange(60) % 3
+    result = blending.run_method(method, stack, y_true, folds, stack[:, :20], "macro_f1")
+    fit = blending.fit_weights if method == "weighted" else blending.caruana_selection
+    for fold in range(3):
+        held = folds == fold
+        weights = fit(stack[:, ~held], y_true[~held], "macro_f1")
+        np.testing.assert_allclose(result["oof"][held], voting.soft_vote(stack[:, held], weights))
+    all_rows = fit(stack, y_true, "macro_f1")
+    np.testing.assert_allclose(result["weights"], all_rows)
+    np.testing.assert_allclose(result["test"], voting.soft_vote(stack[:, :20], all_rows))
+
+
 def test_run_method_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"soft.*stacking"):
         blending.run_method("blend", [MEMBER_A], [0, 1, 1], [0, 1, 2], [MEMBER_A], "accuracy")
