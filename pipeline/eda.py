@@ -25,11 +25,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline import cli, layout
+from pipeline.adversarial import THUMBNAIL, adversarial_validation, thumbnail_features
 from pipeline.artifacts import atomic_dir, save_figure, write_json, write_text
 from pipeline.config import Config
 from pipeline.images import Cache
 from pipeline.layout import slug
 from pipeline.eda_report import (
+    plot_adversarial,
     fmt,
     markdown_report,
     pick_samples,
@@ -42,6 +44,7 @@ from pipeline.eda_report import (
     plot_sizes,
 )
 from pipeline.eda_stats import (
+    EXAMPLES,
     NEAR_THRESHOLD,
     add_pixel_differences,
     channel_stats,
@@ -60,6 +63,18 @@ from pipeline.eda_stats import (
 
 
 # ---------------------------------------------------------------- the stage
+
+def train_versus_test(train, train_images, test_images, listed: int = EXAMPLES) -> tuple[dict, dict]:
+    """Adversarial validation on thumbnails: (its summary for eda.json and the report, raw scores for the figure)."""
+    result = adversarial_validation(thumbnail_features(train_images), thumbnail_features(test_images))
+    likeness = result["test_likeness"]
+    order = np.argsort(-likeness, kind="stable")[:listed]
+    summary = {"auc": result["auc"], "fold_aucs": result["fold_aucs"], "verdict": result["verdict"],
+               "advice": result["advice"], "thumbnail": THUMBNAIL,
+               "most_test_like": [{"row": int(i), "id": str(train["id"].iloc[i]), "label": str(train["target"].iloc[i]),
+                                   "test_likeness": float(likeness[i])} for i in order]}
+    return summary, {"test_likeness": likeness, "test_probability": result["test_probability"]}
+
 
 def analyse(cache: Cache, threshold: int = NEAR_THRESHOLD) -> tuple[dict, dict, dict]:
     """Every number of the report: (summary for eda.json, tables, raw material for the figures)."""
@@ -94,9 +109,10 @@ def analyse(cache: Cache, threshold: int = NEAR_THRESHOLD) -> tuple[dict, dict, 
                       "class_mean": tables["intensity"]["mean"].to_dict()},
         "duplicates": duplicate_summary(duplicates, threshold),
     }
+    summary["adversarial"], adversarial_raw = train_versus_test(train, train_images, test_images)
     raw = {"train": train, "train_images": train_images, "test_images": test_images, "groups": groups,
            "sizes": (train_sizes, test_sizes), "histograms": (train_scan["histogram"], test_scan["histogram"]),
-           "duplicates": duplicates}
+           "duplicates": duplicates, **adversarial_raw}
     return summary, tables, raw
 
 
@@ -111,6 +127,8 @@ def figures(summary: dict, tables: dict, raw: dict) -> dict[str, Figure]:
         plots["groups.png"] = plot_groups(raw["groups"])
     for column in summary["label_columns"]:
         plots[f"labels_{slug(column)}.png"] = plot_crosstab(tables[f"labels_{column}"])
+    plots["adversarial.png"] = plot_adversarial(raw["test_likeness"], raw["test_probability"], raw["train_images"],
+                                                summary["adversarial"]["most_test_like"])
     duplicates = plot_duplicates(raw["train_images"], raw["test_images"], raw["duplicates"])
     if duplicates is not None:
         plots["duplicates.png"] = duplicates
@@ -133,7 +151,8 @@ def main(cfg: Config) -> dict:
           f"duplicates: {duplicates['exact_train']['sets']} exact sets "
           f"({duplicates['exact_train']['label_conflicts']} with conflicting labels), "
           f"{duplicates['near_train']['pairs']} near pairs in train, {duplicates['exact_leak']['test_images']} exact "
-          f"and {duplicates['near_leak']['pairs']} near train-test pairs; "
+          f"and {duplicates['near_leak']['pairs']} near train-test pairs; train vs test ROC AUC "
+          f"{summary['adversarial']['auc']:.3f} ({summary['adversarial']['verdict']}); "
           f"report in {layout.eda_dir(cfg) / layout.EDA_REPORT}",
           file=sys.stderr)
     return summary

@@ -166,6 +166,39 @@ def plot_duplicates(train_images, test_images, duplicates: dict, limit: int = 3)
     return figure
 
 
+def plot_adversarial(test_likeness: np.ndarray, test_probability: np.ndarray, train_images, most_test_like: list,
+                     limit: int = 8) -> Figure:
+    """Left: how test-like the classifier finds train and test images; right: the most test-like training images."""
+    figure = new_figure(2.0 * min(limit, 4) + 4.5, 3.6)
+    left, right = figure.subfigures(1, 2, width_ratios=[4.5, 2.0 * min(limit, 4)])
+    axes = left.subplots()
+    bins = np.linspace(0, 1, 31)
+    axes.hist(test_likeness, bins=bins, alpha=0.6, density=True, label="train")
+    axes.hist(test_probability, bins=bins, alpha=0.6, density=True, label="test")
+    axes.set(title="Out-of-fold P(test) of each image", xlabel="P(test)", ylabel="density")
+    axes.legend(fontsize=8)
+    shown = most_test_like[:limit]
+    grid = right.subplots(max(1, -(-len(shown) // 4)), min(max(len(shown), 1), 4), squeeze=False)
+    for panel in grid.ravel():
+        panel.axis("off")
+    for panel, row in zip(grid.ravel(), shown):
+        title = f"{row['id']} ({row['label']})\nP(test) {row['test_likeness']:.2f}"
+        show(panel, np.asarray(train_images[row["row"]]), title)
+    right.suptitle("Most test-like training images", fontsize=9)
+    return figure
+
+
+def adversarial_lines(adversarial: dict) -> list[str]:
+    """The report's adversarial-validation section: the AUC, the verdict in plain words, the most test-like rows."""
+    folds = ", ".join(f"{auc:.3f}" for auc in adversarial["fold_aucs"])
+    lines = [f"A logistic regression on {adversarial['thumbnail']}x{adversarial['thumbnail']} thumbnails and "
+             f"per-image brightness/contrast tells train from test with ROC AUC **{adversarial['auc']:.3f}** "
+             f"(folds {folds}; 0.5 = indistinguishable). **{adversarial['verdict']}**: {adversarial['advice']}. "
+             f"It sees pixel-level shifts only.", "", "| training id | label | P(test) |", "|---|---|---|"]
+    lines += [f"| {row['id']} | {row['label']} | {row['test_likeness']:.3f} |" for row in adversarial["most_test_like"]]
+    return lines + [""]
+
+
 # ---------------------------------------------------------------- the report
 
 def markdown_report(summary: dict, tables: dict[str, pd.DataFrame], plots: list[str]) -> str:
@@ -196,7 +229,9 @@ def markdown_report(summary: dict, tables: dict[str, pd.DataFrame], plots: list[
             f"std {fmt(intensity['test_std'])}.")
     lines += ["## Intensity", "", text, "", tables["intensity"].round(4).to_markdown(), "",
               *image("intensity.png", "intensity"), "## Samples", "", *image("samples.png", "samples"),
-              "## Duplicates", "", *duplicate_lines(summary["duplicates"]), *image("duplicates.png", "duplicate pairs")]
+              "## Duplicates", "", *duplicate_lines(summary["duplicates"]), *image("duplicates.png", "duplicate pairs"),
+              "## Train vs test (adversarial validation)", "", *adversarial_lines(summary["adversarial"]),
+              *image("adversarial.png", "adversarial validation")]
     return "\n".join(lines)
 
 

@@ -198,7 +198,7 @@ def test_eda_stage_end_to_end(tmp_path):
     summary = json.loads((folder / "eda.json").read_text())
     assert summary == json.loads(json.dumps(result, default=str))
     for name in ["class_balance.png", "sizes.png", "intensity.png", "samples.png", "groups.png",
-                 "labels_type.png", "duplicates.png"]:
+                 "labels_type.png", "duplicates.png", "adversarial.png"]:
         assert (folder / name).stat().st_size > 0, name
         assert Image.open(folder / name).format == "PNG"
     assert summary["class_counts"] == train_csv["label"].value_counts().to_dict()
@@ -222,3 +222,8 @@ def test_eda_stage_end_to_end(tmp_path):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert sorted(links) == sorted(summary["plots"]) and all((folder / link).exists() for link in links)
     assert "dup0000" in report and "te0000" in report
+    adversarial = summary["adversarial"]
+    assert 0.0 <= adversarial["auc"] <= 1.0 and len(adversarial["fold_aucs"]) == 5
+    assert adversarial["verdict"] in report and "Train vs test" in report
+    assert len(adversarial["most_test_like"]) == 10
+    assert {row["id"] for row in adversarial["most_test_like"]} <= set(train_csv["id"])
