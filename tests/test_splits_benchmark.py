@@ -1,0 +1,70 @@
+"""benchmarks/splits.py: the whole-test scorer by hand, the folder copy, and one smoke run of the chain."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import splits  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+
+
+def test_whole_test_scores_by_hand(tmp_path):
+    cfg = load_config(None, [f"paths.work_dir={tmp_path}"])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "meta.json").write_text(json.dumps({"id_col": "img", "target_col": "y", "class_names": ["a", "b"]}))
+    pd.DataFrame({"img": ["1", "2", "3", "4"], "y": ["a", "a", "b", "b"],
+                  "Usage": ["Public", "Private", "Public", "Private"]}).to_csv(cache / "solution.csv", index=False)
+    (tmp_path / "submissions").mkdir()
+    # Rows in another order than the solution's; 3 of 4 right, class b recalled once of twice.
+    pd.DataFrame({"img": ["4", "3", "2", "1"], "y": ["a", "b", "a", "a"]}).to_csv(
+        tmp_path / "submissions" / "submission.csv", index=False)
+    scores = splits.whole_test_scores(cfg)
+    assert scores["test_accuracy"] == pytest.approx(0.75)
+    # F1(a) = 2*2/(2*2+1+0) = 0.8, F1(b) = 2*1/(2*1+0+1) = 2/3.
+    assert scores["test_macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_folder_copy_renames_columns_and_labels(tmp_path):
+    source = tmp_path / "elpv"
+    for split in ("train", "test"):
+        (source / split).mkdir(parents=True)
+        (source / split / f"{split}1.png").write_bytes(b"png")
+    pd.DataFrame({"id": ["train1"], "defect": ["p067"], "type": ["mono"]}).to_csv(source / "train.csv", index=False)
+    pd.DataFrame({"id": ["test1"], "defect": ["p000"]}).to_csv(source / "sample_submission.csv", index=False)
+    pd.DataFrame({"id": ["test1"], "defect": ["p100"], "Usage": ["Public"]}).to_csv(source / "solution.csv",
+                                                                                  index=False)
+    target = splits.folder_copy(source, tmp_path / "copy")
+    train = pd.read_csv(target / "train.csv")
+    assert list(train.columns) == ["cell_id", "defect_grade", "type"]
+    assert train["defect_grade"].tolist() == ["likely defective"]
+    assert pd.read_csv(target / "solution.csv")["defect_grade"].tolist() == ["defective"]
+    assert (target / "test" / "test1.png").read_bytes() == b"png"
+
+
+@pytest.mark.slow
+def test_splits_runs_the_chain_on_a_seed_and_a_folder_copy(tmp_path):
+    out = tmp_path / "splits.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "splits.py"), "--seeds", "3", "--folder-copy",
+         "--config", str(ROOT / "configs" / "smoke.yaml"), "--work", str(tmp_path / "runs"), "--out", str(out),
+         "tune.n_trials=1", "data.workers=1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["run"] for run in runs] == ["seed3", "folder (seed 3)"]
+    for run in runs:
+        assert 0 <= run["test_accuracy"] <= 1 and 0 <= run["test_macro_f1"] <= 1
+        assert run["gap"] == pytest.approx(run["cv"] - run["test_macro_f1"])
+    assert "mean ± std" in result.stdout
+    copy = pd.read_csv(tmp_path / "runs" / "folder_competition" / "train.csv")
+    assert set(copy["defect_grade"]) <= set(splits.FOLDER_LABELS.values())
+    assert np.isfinite([run["cv"] for run in runs]).all()
