@@ -89,7 +89,7 @@ def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int, epochs: int):
                                                    pct_start=pct_start), True
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=name, num_epochs=epochs, decay_epochs=cfg.train.step_size, decay_rate=cfg.train.step_gamma,
-        warmup_epochs=int(round(cfg.train.warmup_epochs)) if name != "plateau" else 0,
+        warmup_epochs=cfg.train.warmup_epochs if name != "plateau" else 0,  # fractions count in updates
         warmup_lr=cfg.train.lr * 0.01, min_lr=cfg.train.lr * 0.01,
         patience_epochs=max(1, (cfg.train.patience or 4) // 2),
         step_on_epochs=name in ("step", "plateau"), updates_per_epoch=steps_per_epoch, warmup_prefix=True)

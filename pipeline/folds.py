@@ -48,6 +48,23 @@ def assign_folds(labels, n_splits: int, seed: int, groups=None) -> np.ndarray:
     return folds
 
 
+def split_problems(labels, folds, groups=None) -> list[str]:
+    """What is wrong with a fold assignment: a group in several folds, a class missing from a fold's
+    validation images. Empty when the split is sound."""
+    frame = pd.DataFrame({"label": np.asarray(labels).astype(str), "fold": np.asarray(folds)})
+    problems = []
+    if groups is not None:
+        frame["group"] = np.asarray(groups).astype(str)
+        spread = frame.groupby("group")["fold"].nunique()
+        for group in spread[spread > 1].index[:10]:
+            where = sorted(frame.loc[frame["group"] == group, "fold"].unique().tolist())
+            problems.append(f"group {group!r} is in folds {where}")
+    present = pd.crosstab(frame["label"], frame["fold"])
+    for label, fold in zip(*np.nonzero(present.to_numpy() == 0)):
+        problems.append(f"class {present.index[label]!r} has no image in fold {present.columns[fold]}")
+    return problems
+
+
 def balance_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Images per class (rows) and fold (columns), with totals."""
     table = pd.crosstab(frame["label"], frame["fold"], margins=True, margins_name="total")
@@ -59,6 +76,10 @@ def main(cfg: Config) -> dict:
     train = read_table(layout.cache_index(cfg, "train"), "image cache index", "prepare")
     groups = train["group"].to_numpy() if "group" in train.columns else None
     folds = assign_folds(train["target"], cfg.folds.n_splits, cfg.folds.seed, groups)
+    problems = split_problems(train["target"], folds, groups)
+    if problems:  # StratifiedGroupKFold cannot always put every class in every fold when groups are few
+        raise DataError(f"the {cfg.folds.n_splits}-fold split is unsound, nothing was written: " + "; ".join(problems)
+                        + ". Lower folds.n_splits or try another folds.seed")
     frame = pd.DataFrame({"id": train["id"], "label": train["target"],
                           "group": groups if groups is not None else train["id"], "fold": folds})
     table = balance_table(frame)

@@ -15,6 +15,7 @@ geometric mean, so no merge can turn negative logits into NaN.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ from pipeline.config import Config
 from pipeline.engine import autocast, autocast_dtype, resolve_device, to_device
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import Cache, ImageDataset
+from pipeline.kfold import load_training_data, settings_key, tuned_config
 from pipeline.models import Heads, ProbabilityModel, create_model
 from pipeline.tables import read_folds
 
@@ -108,6 +110,26 @@ def load_fold_model(path, class_names: list[str], device) -> tuple[ProbabilityMo
     return ProbabilityModel(model, heads).to(device), checkpoint
 
 
+def trained_folds(cfg: Config, backbone: str) -> list[tuple[int, Path, str]]:
+    """(fold, folder, the settings key its checkpoint must carry) of each trained fold of the current folds.
+
+    A fold folder that the current folds.csv does not have (``folds.n_splits`` lowered) is refused: its
+    model was trained on other folds and must not be averaged into the test predictions.
+    """
+    tuned = tuned_config(cfg, backbone)
+    data = load_training_data(tuned)
+    current = set(np.unique(data.folds).tolist())
+    model_dir = layout.model_dir(cfg, backbone)
+    found = {int(p.name[4:]): p for p in model_dir.glob("fold*") if p.name[4:].isdigit()}
+    stale = sorted(set(found) - current)
+    if stale:
+        raise DataError(f"{model_dir} holds fold(s) {stale} that {layout.folds_file(cfg)} does not have (were the "
+                        f"folds changed?): re-run train for {backbone}, which removes them")
+    if not found:
+        raise DataError(f"no trained folds in {model_dir}: run train for {backbone} first")
+    return [(fold, folder, settings_key(tuned, backbone, data, fold)) for fold, folder in sorted(found.items())]
+
+
 def infer_backbone(cfg: Config, backbone: str) -> dict:
     cfg = cfg.for_backbone(backbone)
     device = resolve_device(cfg.runtime.device)
@@ -121,18 +143,18 @@ def infer_backbone(cfg: Config, backbone: str) -> dict:
     train_ids = train_table["id"].astype(str).to_numpy()
     fold_column = np.array([fold_of.get(i, -1) for i in train_ids])
     labels = encode_labels(train_table["target"], cache.class_names, "the cache")
-    model_dir = layout.model_dir(cfg, backbone)
-    fold_dirs = sorted(model_dir.glob("fold*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
-    if not fold_dirs:
-        raise DataError(f"no trained folds in {model_dir}: run train for {backbone} first")
+    fold_dirs = trained_folds(cfg, backbone)
     test_images, train_images = cache.images("test"), cache.images("train")
     test_sum = np.zeros((len(names), len(test_table), len(cache.class_names)))
     oof_views = np.full((len(names), len(train_ids), len(cache.class_names)), np.nan)
     channels_last = cfg.runtime.channels_last and device.type == "cuda"
     batch_size = cfg.runtime.eval_batch_size
-    for fold_dir in fold_dirs:
-        fold = int(fold_dir.name[4:])
-        model, _ = load_fold_model(fold_dir / layout.checkpoint_name(cfg.infer.checkpoint), cache.class_names, device)
+    for fold, fold_dir, expected_key in fold_dirs:
+        path = fold_dir / layout.checkpoint_name(cfg.infer.checkpoint)
+        model, checkpoint = load_fold_model(path, cache.class_names, device)
+        if checkpoint.get("key") != expected_key:
+            raise DataError(f"checkpoint {path} was trained with other settings, images, folds or training code than "
+                            f"the current ones: re-run train for {backbone} (dvc repro does)")
         validation = np.flatnonzero(fold_column == fold)
         print(f"[{backbone}] fold {fold}: {len(names)} TTA view(s) on {len(validation)} validation and "
               f"{len(test_table)} test images", file=sys.stderr)

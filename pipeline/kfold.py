@@ -29,7 +29,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from pipeline import builders, layout, metrics
+from pipeline import builders, layout, metrics, provenance
 from pipeline.artifacts import atomic_path, write_json
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.competition import encode_labels
@@ -55,6 +55,7 @@ class TrainingData:
     heads: Heads
     mean: list[float]
     std: list[float]
+    cache_fingerprint: str = ""  # prepare's digest of the images (sizes, times), ids and labels
 
 
 def load_training_data(cfg: Config) -> TrainingData:
@@ -75,7 +76,8 @@ def load_training_data(cfg: Config) -> TrainingData:
     labels = encode_labels(table["target"], heads.class_names, "the cache")
     return TrainingData(images=cache.images("train"), ids=table["id"].astype(str).to_numpy(),
                         folds=np.array([fold_of[i] for i in table["id"].astype(str)]), targets=targets,
-                        labels=labels, heads=heads, mean=cache.mean, std=cache.std)
+                        labels=labels, heads=heads, mean=cache.mean, std=cache.std,
+                        cache_fingerprint=cache.meta.get("fingerprint", ""))
 
 
 def tuned_config(cfg: Config, backbone: str) -> Config:
@@ -104,8 +106,10 @@ def tuned_config(cfg: Config, backbone: str) -> Config:
 
 
 def settings_key(cfg: Config, backbone: str, data: TrainingData, fold: int) -> str:
-    """A digest of everything a fold's result depends on; a change starts the fold afresh."""
+    """A digest of everything a fold's result depends on (settings, ids, folds, labels, the images and the code
+    of training); a change starts the fold afresh."""
     relevant = {"backbone": backbone, "fold": fold, "train": cfg.train.model_dump(exclude={"folds"}),
+                "code": provenance.code_digest("kfold"), "images": data.cache_fingerprint,
                 "runtime": cfg.runtime.model_dump(exclude={"num_workers", "eval_batch_size"}), "metric": cfg.metric,
                 "data": [list(cfg.data.size_hw), cfg.data.channels, cfg.data.aux_cols],
                 "heads": data.heads.to_dict()}

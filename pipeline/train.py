@@ -13,6 +13,7 @@ The folds themselves are ``pipeline.kfold``'s: a finished fold is skipped, a kil
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import numpy as np
@@ -41,6 +42,16 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[s
     return figure
 
 
+def remove_stale_folds(cfg: Config, backbone: str, current: list[int]) -> None:
+    """Delete the fold folders (models and curves) of folds the current folds.csv does not have: they were
+    trained on another split and infer must never average them in."""
+    for folder in [*layout.model_dir(cfg, backbone).glob("fold*"), *layout.curves_dir(cfg, backbone).glob("fold*")]:
+        if folder.name[4:].isdigit() and int(folder.name[4:]) not in current:
+            shutil.rmtree(folder)
+            print(f"[{backbone}] removed {folder}: fold {folder.name[4:]} is not a fold of {layout.folds_file(cfg)}",
+                  file=sys.stderr)
+
+
 def train_backbone(cfg: Config, backbone: str) -> dict:
     cfg = tuned_config(cfg, backbone)
     data = load_training_data(cfg)
@@ -49,6 +60,7 @@ def train_backbone(cfg: Config, backbone: str) -> dict:
     bad = [f for f in folds if f not in all_folds]
     if bad:
         raise ConfigError(f"train.folds {bad} are not folds of {layout.folds_file(cfg)} (it has {all_folds})")
+    remove_stale_folds(cfg, backbone, all_folds)
     print(f"[{backbone}] training {len(folds)} fold(s), {cfg.train.epochs} epochs, "
           f"{len(data.ids)} images, classes {data.heads.class_names}", file=sys.stderr)
     results = cross_validate(cfg, backbone, data, layout.model_dir(cfg, backbone), folds)

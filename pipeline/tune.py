@@ -26,6 +26,8 @@ does it for a database, a check of the worker's process on this host for a journ
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -39,12 +41,12 @@ from optuna.storages.journal import JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
-from pipeline import cli, layout, metrics
+from pipeline import cli, layout, metrics, provenance
 from pipeline.artifacts import save_figure, write_csv, write_text
 from pipeline.builders import check_choices
 from pipeline.config import Config, Train
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.kfold import TrainingData, cross_validate, load_training_data
+from pipeline.kfold import TrainingData, cross_validate, load_training_data, settings_key
 from pipeline.studies import (
     TrialSeededTPE,
     fail_orphaned_trials,
@@ -128,22 +130,32 @@ def untuned_values(cfg: Config, space: dict[str, BaseDistribution]) -> dict:
 
 # ---------------------------------------------------------------- storage, sampler, pruner
 
-def open_study(cfg: Config, backbone: str, storage=None) -> optuna.Study:
-    """The backbone's study in the storage: joined when it exists, else created with the untuned config queued first."""
+def study_name(cfg: Config, backbone: str, data: TrainingData) -> str:
+    """The study's name in the storage: the backbone and a digest of everything its trials depend on.
+
+    That is the fold settings key (train settings, including the searched keys' own values that the
+    untuned trial uses, runtime, metric, images, folds, labels, training code), the search's own settings
+    and tune's code. A changed setting therefore opens a fresh study with a fresh untuned trial, never
+    mixing old and new trials; workers with the same settings compute the same name and join one study.
+    """
+    search = cfg.tune.model_dump(include={"epochs", "folds", "max_train", "space", "pruner", "seed"})
+    digest = hashlib.sha256(json.dumps([settings_key(cfg, backbone, data, -1), search,
+                                        provenance.code_digest("tune")], sort_keys=True, default=str).encode())
+    return f"{backbone}-{digest.hexdigest()[:10]}"
+
+
+def open_study(cfg: Config, backbone: str, storage=None, data: TrainingData | None = None) -> optuna.Study:
+    """The backbone's study for these settings: joined when it exists, else created with the untuned config
+    queued first."""
     storage = storage if storage is not None else open_storage(cfg)
+    name = study_name(cfg, backbone, data if data is not None else load_training_data(cfg))
     direction = "maximize" if metrics.greater_is_better(cfg.metric) else "minimize"
     sampler, pruner = TrialSeededTPE(cfg.tune.seed), make_pruner(cfg)
     try:
-        study = optuna.create_study(storage=storage, study_name=backbone, direction=direction, sampler=sampler,
+        study = optuna.create_study(storage=storage, study_name=name, direction=direction, sampler=sampler,
                                     pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:  # another run or worker made it: join
-        study = optuna.load_study(study_name=backbone, storage=storage, sampler=sampler, pruner=pruner)
-        recorded = study.user_attrs.get("metric", cfg.metric)
-        if recorded != cfg.metric or study.direction.name.lower() != direction:
-            raise ConfigError(f"the study {backbone!r} in the Optuna storage was tuned for {recorded} "
-                              f"({study.direction.name.lower()}), not the config's metric {cfg.metric}: set "
-                              f"tune.storage to another file or database, or delete the old one") from None
-        return study
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     study.set_user_attr("metric", cfg.metric)
     study.enqueue_trial(untuned_values(cfg, search_space(cfg)), user_attrs={"origin": UNTUNED_ORIGIN})
     return study
@@ -301,15 +313,15 @@ def write_untuned(cfg: Config, backbone: str) -> dict:
 
 def tune_backbone(cfg: Config, backbone: str, storage, data: TrainingData, space: dict) -> dict:
     cfg = cfg.for_backbone(backbone)  # the search starts from this backbone's own overrides
-    study = open_study(cfg, backbone, storage)
+    study = open_study(cfg, backbone, storage, data)
     journal = isinstance(storage, JournalStorage)
     if journal:
         fail_orphaned_trials(study)
     finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
     budget = f"{cfg.tune.n_trials} more trial(s)" + (f" or {cfg.tune.timeout:g}s" if cfg.tune.timeout else "")
-    print(f"[{backbone}] tuning {', '.join(space)} in study {backbone!r} of {storage_label(cfg)} ({finished} trials "
-          f"so far): {budget}, {cfg.tune.epochs} epoch(s) on fold(s) {cfg.tune.folds}, {cfg.tune.pruner} pruner, "
-          f"worker {worker_name()}", file=sys.stderr)
+    print(f"[{backbone}] tuning {', '.join(space)} in study {study.study_name!r} of {storage_label(cfg)} "
+          f"({finished} trials so far): {budget}, {cfg.tune.epochs} epoch(s) on fold(s) {cfg.tune.folds}, "
+          f"{cfg.tune.pruner} pruner, worker {worker_name()}", file=sys.stderr)
     study.optimize(make_objective(cfg, backbone, data, space), n_trials=cfg.tune.n_trials, timeout=cfg.tune.timeout,
                    catch=(TrialFailed,), callbacks=[progress(cfg, backbone, orphan_check=journal)],
                    gc_after_trial=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.provenance import direct_imports
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"prepare", "eda", "folds", "tune", "train", "infer", "ensemble", "submit"}
 MAX_FUNCTION_LINES = 60
@@ -18,18 +20,6 @@ def pipeline_modules() -> list[Path]:
     return sorted((ROOT / "pipeline").glob("*.py"))
 
 
-def imported_pipeline_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
-            names.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")}
-    return names
-
-
 def long_functions(source: str, limit: int) -> list[tuple[str, int]]:
     return [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit]
@@ -37,20 +27,20 @@ def long_functions(source: str, limit: int) -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_a_stage_imports_no_other_stage(stage):
-    imported = imported_pipeline_modules(ROOT / "pipeline" / f"{stage}.py")
+    imported = direct_imports(ROOT / "pipeline" / f"{stage}.py")
     assert not imported & (STAGES - {stage}), f"pipeline/{stage}.py imports the stage(s) {imported & STAGES}"
 
 
 def test_the_core_imports_no_stage():
     for path in pipeline_modules():
         if path.stem not in STAGES:
-            assert not imported_pipeline_modules(path) & STAGES, f"core module {path.name} imports a stage"
+            assert not direct_imports(path) & STAGES, f"core module {path.name} imports a stage"
 
 
 def test_the_stage_check_sees_a_stage_import(tmp_path):
     module = tmp_path / "tune.py"
     module.write_text("from pipeline.train import cross_validate\nfrom pipeline import layout, ensemble\n")
-    assert imported_pipeline_modules(module) == {"train", "layout", "ensemble"}
+    assert direct_imports(module) == {"train", "layout", "ensemble"}
 
 
 @pytest.mark.parametrize("path", pipeline_modules(), ids=lambda p: p.name)

@@ -44,8 +44,8 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_one_backbone(repo):
     assert stages_run(run(["dvc", "repro"], repo)) == set()  # nothing changed: nothing runs
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    # A key the search does not tune, so the change reaches the trained models whatever tune finds.
-    params["backbones"]["lcnet_050"] = {"epochs": 2}
+    # A searched key: its new value opens a fresh study whose untuned trial uses it (no stale study reused).
+    params["backbones"]["lcnet_050"] = {"lr": 0.004}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = stages_run(run(["dvc", "repro"], repo))
     changed = {"tune@lcnet_050", "train@lcnet_050", "infer@lcnet_050", "ensemble"}
@@ -53,3 +53,40 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_one_backbone(repo):
     assert changed <= third <= changed | {"submit"}
     rows = len(pd.read_csv(work / "submissions" / "leaderboard.csv"))
     assert rows == (2 if "submit" in third else 1)  # earlier submissions are kept (persist)
+    trials = pd.read_csv(work / "tuning" / "lcnet_050" / "trials.csv")
+    assert len(trials) == 1 and trials["params_lr"].iloc[0] == 0.004  # the new study's untuned trial only
+
+
+def test_an_edit_to_training_code_retrains_every_fold(repo):
+    run(["dvc", "repro"], repo)  # up to date whatever ran before
+    engine = repo / "pipeline" / "engine.py"
+    engine.write_text(engine.read_text() + "\n# an edit: the epoch loop may behave differently now\n")
+    output = run(["dvc", "repro"], repo)
+    ran = stages_run(output)
+    backbones = ["lcnet_050", "mobilenetv3_small_050"]
+    assert {f"{stage}@{name}" for stage in ("tune", "train", "infer") for name in backbones} <= ran
+    assert not ran & {"prepare", "eda", "folds"}  # they do not import the training code
+    # The models folder persists across runs, but no fold may be skipped as trained by the old code.
+    assert "already trained" not in output and "epoch 1/1" in output
+
+
+def test_fewer_folds_leave_no_stale_fold_behind(repo):
+    def set_splits(count):
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["folds"]["n_splits"] = count
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    set_splits(3)
+    run(["dvc", "repro"], repo)
+    models = repo / "work" / "models" / "lcnet_050"
+    assert sorted(p.name for p in models.glob("fold*")) == ["fold0", "fold1", "fold2"]
+    set_splits(2)
+    run(["python", "-m", "pipeline.folds"], repo)
+    # infer alone refuses the model of a fold that no longer exists, with a message, not a traceback.
+    refused = subprocess.run(["python", "-m", "pipeline.infer", "--backbone", "lcnet_050"], cwd=repo,
+                             capture_output=True, text=True, env=dvc_env(repo))
+    assert refused.returncode == 2 and "fold(s) [2]" in refused.stderr and "Traceback" not in refused.stderr
+    output = run(["dvc", "repro"], repo)
+    assert "removed" in output and sorted(p.name for p in models.glob("fold*")) == ["fold0", "fold1"]
+    oof = pd.read_parquet(repo / "work" / "preds" / "lcnet_050_oof.parquet")
+    assert sorted(oof["fold"].unique()) == [0, 1]

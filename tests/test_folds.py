@@ -1,10 +1,13 @@
 """Fold assignment: stratified, disjoint and covering, group-aware, seeded."""
 
 import numpy as np
+import pandas as pd
 import pytest
+from conftest import make_config
 
+from pipeline import folds
 from pipeline.errors import DataError
-from pipeline.folds import assign_folds
+from pipeline.folds import assign_folds, split_problems
 
 
 def labels_table(seed=0):
@@ -44,3 +47,24 @@ def test_same_seed_same_folds_other_seed_other_folds():
 def test_too_few_members_for_the_folds():
     with pytest.raises(DataError, match="fewer images than folds"):
         assign_folds(["a"] * 10 + ["b"] * 2, 3, 0)
+
+
+def test_split_problems_by_hand():
+    labels = ["a", "a", "b", "b"]
+    assert split_problems(labels, [0, 1, 0, 1], groups=["g1", "g2", "g3", "g4"]) == []
+    assert split_problems(labels, [0, 1, 0, 1], groups=["g1", "g1", "g3", "g4"]) == ["group 'g1' is in folds [0, 1]"]
+    assert split_problems(labels, [0, 0, 1, 1]) == ["class 'a' has no image in fold 1",
+                                                    "class 'b' has no image in fold 0"]
+
+
+def test_the_folds_stage_refuses_an_unsound_split(tmp_path, monkeypatch):
+    cache = tmp_path / "work" / "cache"
+    cache.mkdir(parents=True)
+    pd.DataFrame({"id": [f"i{n}" for n in range(8)], "target": list("aaaabbbb"),
+                  "group": ["g0", "g0", "g1", "g1", "g2", "g2", "g3", "g3"]}).to_parquet(cache / "train.parquet")
+    cfg = make_config(tmp_path / "work", "folds.n_splits=2")
+    # A splitter that puts one group in two folds: the stage must stop, naming it, and write nothing.
+    monkeypatch.setattr(folds, "assign_folds", lambda *args: np.array([0, 1, 0, 0, 1, 1, 1, 0]))
+    with pytest.raises(DataError, match="group 'g0' is in folds"):
+        folds.main(cfg)
+    assert not cfg.path("folds").exists()

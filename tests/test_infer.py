@@ -66,3 +66,37 @@ def test_unknown_tta_transform_lists_the_valid_ones(tmp_path):
 
     with pytest.raises(ConfigError, match="rotate90"):
         infer.main(make_config(tmp_path, "infer.tta=[rotate45]"))
+
+
+def transformed(images: np.ndarray, name: str) -> np.ndarray:
+    """N x H x W x C images under a view named like ``hflip+vflip`` or ``rotate90=90`` (ttach's conventions)."""
+    for part in name.split("+"):
+        if part == "hflip":
+            images = images[:, :, ::-1]
+        elif part == "vflip":
+            images = images[:, ::-1]
+        elif part.startswith("rotate90="):
+            images = np.rot90(images, int(part.split("=")[1]) // 90, axes=(1, 2))
+    return np.ascontiguousarray(images)
+
+
+@pytest.mark.parametrize("tta", [["hflip", "vflip"], ["rotate90"]])
+def test_each_view_is_the_plain_prediction_of_the_transformed_image(tta):
+    model = tiny_model()
+    images = np.random.default_rng(3).integers(0, 255, (5, 16, 16, 1), dtype=np.uint8)  # no symmetry
+    compose = tta_transforms(tta, (16, 16))
+    views = predict_views(model, images, np.arange(5), compose, torch.device("cpu"), 2)
+    names = view_names(compose, tta)
+    assert len(names) == 4 and names[0] == "plain" and len(set(names)) == 4
+    for index, name in enumerate(names):
+        expected = predict_views(model, transformed(images, name), np.arange(5), None, torch.device("cpu"), 2)[0]
+        np.testing.assert_allclose(views[index], expected, atol=1e-5, err_msg=name)
+    # The model is not invariant, so a view that silently fell back to the plain image would differ.
+    assert all(np.abs(views[index] - views[0]).max() > 1e-4 for index in range(1, 4))
+
+
+def test_merges_by_hand():
+    views = np.array([[[0.5, 0.5]], [[0.9, 0.1]]])
+    np.testing.assert_allclose(merge_views(views, "mean"), [[0.7, 0.3]])
+    geometric = np.sqrt([0.45, 0.05])
+    np.testing.assert_allclose(merge_views(views, "gmean"), [geometric / geometric.sum()])

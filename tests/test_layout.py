@@ -1,7 +1,6 @@
 """dvc.yaml agrees with the code: every out is a path pipeline.layout names, every stage's code deps are
 the pipeline modules its script imports (directly or through other modules)."""
 
-import ast
 import re
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 import yaml
 
 from pipeline import layout
+from pipeline.provenance import imported_modules
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,25 +44,6 @@ def stage_body(stage: str) -> dict:
     return body["do"] if "foreach" in body else body
 
 
-def imported_modules(module: str) -> set[str]:
-    """The pipeline modules ``pipeline/<module>.py`` imports, directly and through other pipeline modules."""
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        tree = ast.parse((ROOT / "pipeline" / f"{name}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-                todo += [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
-                todo.append(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")]
-    return seen
-
-
 @pytest.mark.parametrize("stage", STAGES)
 def test_dvc_outs_are_the_layout_paths(stage):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -78,7 +59,7 @@ def test_dvc_outs_are_the_layout_paths(stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_dvc_code_deps_are_the_imported_modules(stage):
     declared = {Path(p).stem for p in entries(stage_body(stage)["deps"]) if p.startswith("pipeline/")}
-    assert declared == imported_modules(stage), (
+    assert declared == set(imported_modules(stage)), (
         f"dvc.yaml's {stage} code deps should be exactly the modules pipeline/{stage}.py imports")
 
 

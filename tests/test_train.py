@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_config
-from pipeline import builders, folds, kfold, prepare, train
+from pipeline import builders, folds, infer, kfold, metrics, prepare, train
 from pipeline.engine import StepState, train_one_epoch
 from pipeline.errors import ConfigError
 from pipeline.models import Heads, check_backbone, create_model
@@ -43,6 +43,18 @@ def test_smoke_training_writes_oof_covering_every_id_once(prepared):
         assert checkpoint["heads"]["class_names"] == classes and checkpoint["config"]["train"]["epochs"] == 1
     assert (cfg.path("plots") / "confusion_lcnet_050.png").stat().st_size > 0
     assert (cfg.path("plots") / "train" / "lcnet_050" / "fold0" / "plots" / "metrics").is_dir()
+
+    # infer on the same checkpoints: its plain view is train's OOF, its merged view is what it writes (that each
+    # view is the transformed image's prediction is tests/test_infer.py's, with a model that is not invariant).
+    infer.main(make_config(prepared, "backbones=[lcnet_050]", "infer.tta=[hflip,vflip]"))
+    views = pd.read_csv(cfg.path("preds") / "lcnet_050_tta.csv")
+    assert views["view"].tolist() == ["plain", "vflip", "hflip", "hflip+vflip", "merged (mean)"]
+    labels = fold_table.set_index("id").loc[oof["id"], "label"].map(classes.index).to_numpy()
+    plain = metrics.score("macro_f1", labels, oof[classes].to_numpy())
+    assert views.loc[0, "macro_f1"] == pytest.approx(plain, abs=1e-9)
+    tta_oof = pd.read_parquet(cfg.path("preds") / "lcnet_050_oof.parquet").set_index("id").loc[oof["id"]]
+    merged = metrics.score("macro_f1", labels, tta_oof[classes].to_numpy())
+    assert views.loc[4, "macro_f1"] == pytest.approx(merged, abs=1e-9)
 
 
 @pytest.mark.parametrize(("overrides", "power"), [(["train.oversample=true", "train.balance_power=1"], 1.0),

@@ -25,7 +25,7 @@ import pipeline.folds
 import pipeline.prepare
 from pipeline import cli, studies, tune
 from pipeline.errors import ConfigError
-from pipeline.kfold import tuned_config
+from pipeline.kfold import load_training_data, tuned_config
 
 BACKBONE = "lcnet_050"
 # One training batch per epoch, drawn in order (no oversampling), so trials compare deterministically.
@@ -46,8 +46,12 @@ def config(work_dir, name: str, *overrides: str):
     return make_config(work_dir, *FAST, f"paths.tuning=tuning_{name}", *overrides)
 
 
+def name_of(cfg) -> str:
+    return tune.study_name(cfg, BACKBONE, load_training_data(cfg))
+
+
 def trials_of(cfg):
-    return optuna.load_study(study_name=BACKBONE, storage=studies.open_storage(cfg)).get_trials()
+    return optuna.load_study(study_name=name_of(cfg), storage=studies.open_storage(cfg)).get_trials()
 
 
 def running_trials(cfg) -> list:
@@ -74,7 +78,7 @@ def finish(*workers: subprocess.Popen) -> None:
 
 def assert_shared(cfg, workers: int, trials: int) -> None:
     """One study holding ``trials`` finished trials, contributed by ``workers`` distinct processes."""
-    assert optuna.get_all_study_names(studies.open_storage(cfg)) == [BACKBONE]
+    assert optuna.get_all_study_names(studies.open_storage(cfg)) == [name_of(cfg)]
     study_trials = trials_of(cfg)
     assert len(study_trials) == trials
     assert all(t.state == TrialState.COMPLETE for t in study_trials), [t.state for t in study_trials]
@@ -194,6 +198,25 @@ def test_rerun_continues_the_study_and_a_hopeless_trial_is_pruned(work):
     assert hopeless.last_step < cfg.tune.epochs - 1  # stopped before the last epoch
     assert result["pruned"] == 1 and result["best_params"]["lr"] != 1e-9
     assert "intermediate.png" in result["plots"]
+
+
+@pytest.mark.slow
+def test_a_changed_setting_starts_a_fresh_study_with_its_own_untuned_trial(work):
+    first = config(work, "fresh", "tune.n_trials=1", "train.lr=0.003")
+    tune.main(first)
+    second = config(work, "fresh", "tune.n_trials=1", "train.lr=0.009")  # a searched key's own value changed
+    tune.main(second)
+    assert yaml.safe_load((second.path("tuning") / BACKBONE / "best_params.yaml").read_text())["lr"] == 0.009
+    third = config(work, "fresh", "tune.n_trials=1", "train.lr=0.009", "train.label_smoothing=0.0",
+                   "tune.space={lr: {type: float, low: 0.001, high: 0.01, log: true}}")
+    tune.main(third)  # a key the search does not touch changed too
+    names = optuna.get_all_study_names(studies.open_storage(first))
+    assert sorted(names) == sorted({name_of(first), name_of(second), name_of(third)}) and len(names) == 3
+    assert [t.params for t in trials_of(second)] == [{name: getattr(second.train, name) for name in second.tune.space}]
+    assert len(trials_of(first)) == 1  # the old study is left as it was, not mixed with the new trials
+    again = config(work, "fresh", "tune.n_trials=1", "train.lr=0.009")
+    tune.main(again)
+    assert len(trials_of(again)) == 2  # the same settings join their study
 
 
 @pytest.mark.slow
