@@ -3,11 +3,15 @@
 import json
 import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
+from conftest import make_config
+from PIL import Image
 from repo_copy import copy_repository, dvc_env, stages_run
+
+from pipeline.competition import build_elpv
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +45,8 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_one_backbone(repo):
     for name in backbones:
         assert json.loads((work / "metrics" / f"{name}.json").read_text())["backbone"] == name
 
-    assert stages_run(run(["dvc", "repro"], repo)) == set()  # nothing changed: nothing runs
+    # Nothing changed: prepare looks (it always does, in about a second) and nothing else runs.
+    assert stages_run(run(["dvc", "repro"], repo)) == {"prepare"}
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     # A searched key: its new value opens a fresh study whose untuned trial uses it (no stale study reused).
@@ -90,3 +95,23 @@ def test_fewer_folds_leave_no_stale_fold_behind(repo):
     assert "removed" in output and sorted(p.name for p in models.glob("fold*")) == ["fold0", "fold1"]
     oof = pd.read_parquet(repo / "work" / "preds" / "lcnet_050_oof.parquet")
     assert sorted(oof["fold"].unique()) == [0, 1]
+
+
+def test_a_changed_or_removed_image_of_a_folder_competition_re_runs_what_follows(tmp_path):
+    competition = build_elpv(make_config(tmp_path / "source"))
+    repo = copy_repository(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update({"source": "folder", "dir": str(competition)})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro"], repo)
+    image = sorted((competition / "train").glob("*.png"))[0]
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)  # other pixels, same id
+    changed = stages_run(run(["dvc", "repro"], repo))
+    assert {"prepare", "eda", "train@lcnet_050", "ensemble"} <= changed and "folds" not in changed
+    train = pd.read_csv(competition / "train.csv", dtype=str)
+    train[train["id"] != image.stem].to_csv(competition / "train.csv", index=False)
+    image.unlink()
+    removed = stages_run(run(["dvc", "repro"], repo))
+    assert {"prepare", "folds", "train@lcnet_050", "ensemble"} <= removed
+    folds = pd.read_csv(repo / "work" / "folds.csv", dtype=str)
+    assert image.stem not in set(folds["id"]) and len(folds) == len(train) - 1
