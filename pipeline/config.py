@@ -222,6 +222,8 @@ class Train(Section):
     """Apply `tuning/<backbone>/best_params.yaml` when it exists."""
     folds: list[int] | None = None
     """Train only these folds (none: all)."""
+    refit: bool = False
+    """After the folds, train one model on every training image for the folds' mean best epoch count."""
 
 
 class Runtime(Section):
@@ -309,6 +311,8 @@ class Infer(Section):
     """How TTA views are merged: arithmetic (`mean`) or geometric (`gmean`) mean of probabilities."""
     checkpoint: Literal["best", "last"] = "best"
     """Which checkpoint of each fold predicts."""
+    refit_weight: float = Field(default=0.5, ge=0, le=1)
+    """With `train.refit`: the full-data model's share of the test probabilities (the folds share the rest)."""
 
 
 class Ensemble(Section):

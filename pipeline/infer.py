@@ -30,6 +30,7 @@ from pipeline.engine import autocast, autocast_dtype, resolve_device, to_device
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import Cache, ImageDataset
 from pipeline.kfold import load_training_data, settings_key, tuned_config
+from pipeline.refit import check_refit
 from pipeline.models import Heads, ProbabilityModel, create_model
 from pipeline.tables import read_folds
 
@@ -130,6 +131,23 @@ def trained_folds(cfg: Config, backbone: str) -> list[tuple[int, Path, str]]:
     return [(fold, folder, settings_key(tuned, backbone, data, fold)) for fold, folder in sorted(found.items())]
 
 
+def predict_refit(cfg: Config, backbone: str, cache: Cache, compose, device, amp, channels_last: bool) -> np.ndarray:
+    """The full-data model's TTA'd test probabilities (``train.refit``), checked against the current settings."""
+    tuned = tuned_config(cfg, backbone)
+    path = layout.refit_dir(cfg, backbone) / layout.checkpoint_name("best")
+    if not path.exists():
+        raise DataError(f"train.refit is on but {path} does not exist: re-run train for {backbone}")
+    model, checkpoint = load_fold_model(path, cache.class_names, device)
+    if not check_refit(checkpoint, tuned, backbone, load_training_data(tuned)):
+        raise DataError(f"checkpoint {path} was trained with other settings, images, folds or training code than "
+                        f"the current ones: re-run train for {backbone} (dvc repro does)")
+    print(f"[{backbone}] refit model ({checkpoint['epoch'] + 1} epochs on every training image) on the test "
+          f"images, blended with weight {cfg.infer.refit_weight}", file=sys.stderr)
+    views = predict_views(model, cache.images("test"), np.arange(len(cache.table("test"))), compose, device,
+                          cfg.runtime.eval_batch_size, amp, channels_last, f"[{backbone}] test refit")
+    return merge_views(views, cfg.infer.merge)
+
+
 def infer_backbone(cfg: Config, backbone: str) -> dict:
     cfg = cfg.for_backbone(backbone)
     device = resolve_device(cfg.runtime.device)
@@ -164,6 +182,9 @@ def infer_backbone(cfg: Config, backbone: str) -> dict:
                                   batch_size, amp, channels_last, f"[{backbone}] test {fold}")
     covered = ~np.isnan(oof_views[0, :, 0])
     test_proba = merge_views(test_sum / len(fold_dirs), cfg.infer.merge)
+    if cfg.train.refit:
+        refit = predict_refit(cfg, backbone, cache, compose, device, amp, channels_last)
+        test_proba = (1 - cfg.infer.refit_weight) * test_proba + cfg.infer.refit_weight * refit
     oof_proba = merge_views(oof_views[:, covered], cfg.infer.merge)
     y_true = labels[covered]
     metric = cfg.metric

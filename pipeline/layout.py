@@ -111,6 +111,11 @@ def fold_dir(cfg: Config, backbone: str, fold: int) -> Path:
     return model_dir(cfg, backbone) / f"fold{fold}"
 
 
+def refit_dir(cfg: Config, backbone: str) -> Path:
+    """The full-data model of ``train.refit`` (beside the fold folders, inside the models folder)."""
+    return model_dir(cfg, backbone) / "refit"
+
+
 def checkpoint_name(which: str) -> str:
     """``best`` or ``last`` -> the checkpoint's file name in a fold folder."""
     return f"{which}.pt"

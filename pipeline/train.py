@@ -24,6 +24,7 @@ from pipeline.builders import check_choices
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.kfold import cross_validate, load_training_data, tuned_config
+from pipeline.refit import refit_epochs, train_refit
 
 
 def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], title: str):
@@ -81,6 +82,9 @@ def train_backbone(cfg: Config, backbone: str) -> dict:
               "oof": metrics.summary(y_true, proba, data.heads.class_names) | {
                   cfg.metric: metrics.score(cfg.metric, y_true, proba)},
               "folds": per_fold}
+    if cfg.train.refit:
+        report["refit_epochs"] = refit_epochs(results)
+        train_refit(cfg, backbone, data, report["refit_epochs"])
     write_json(layout.train_metrics_file(cfg, backbone), report)
     save_figure(layout.confusion_file(cfg, backbone),
                 confusion_figure(y_true, proba.argmax(1), data.heads.class_names,
