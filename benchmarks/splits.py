@@ -119,12 +119,13 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:
-        overrides = [*args.overrides, f"data.elpv_seed={seed}", f"paths.work_dir={logs / f'seed{seed}'}"]
+        overrides = [*args.overrides, f"data.elpv_seed={seed}", *layout.overrides_under(logs / f"seed{seed}")]
         rows.append(one_run(f"seed{seed}", args.config, overrides, logs))
     if args.folder_copy:
-        first = load_config(args.config, [*args.overrides, f"paths.work_dir={logs / f'seed{args.seeds[0]}'}"])
+        first = load_config(args.config, [*args.overrides, *layout.overrides_under(logs / f"seed{args.seeds[0]}")])
         folder = folder_copy(layout.competition_dir(first), logs / "folder_competition")
-        overrides = [*args.overrides, "data.source=folder", f"data.dir={folder}", f"paths.work_dir={logs / 'folder'}"]
+        overrides = [*args.overrides, "data.source=folder", f"data.dir={folder}",
+                     *layout.overrides_under(logs / "folder")]
         rows.append(one_run(f"folder (seed {args.seeds[0]})", args.config, overrides, logs))
     Path(args.out).write_text(json.dumps({"overrides": args.overrides, "runs": rows}, indent=2) + "\n")
     print(table(rows))

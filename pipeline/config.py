@@ -1,17 +1,15 @@
 """The typed configuration every stage reads.
 
-One YAML file drives the pipeline. Every key has a default here (the embedded ELPV
-competition on a CPU), so a preset in ``configs/`` lists only what it changes and
-``params.yaml`` is these defaults written out for DVC to track
-(``python -m pipeline.config --dump``). Dotted overrides ``train.lr=3e-4`` are parsed as
-YAML. An unknown key, a wrong type or an out-of-range value raises ``ConfigError`` naming
-the key before any stage does work.
+One YAML file drives the pipeline. Every key has a default here (the embedded ELPV competition on a CPU), so a
+preset in ``configs/`` lists only what it changes and ``params.yaml`` is these defaults written out for DVC to track
+(``python -m pipeline.config --dump``). Dotted overrides ``train.lr=3e-4`` are parsed as YAML. An unknown key, a
+wrong type or an out-of-range value raises ``ConfigError`` naming the key before any stage does work.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -28,8 +26,9 @@ class Section(BaseModel):
 
 
 class Paths(Section):
-    """Where outputs go. Everything but ``work_dir`` is relative to ``work_dir``."""
+    """Where outputs go: under ``work_dir``, but for ``submissions`` and ``metrics`` (the team's record, top level)."""
 
+    TOP_LEVEL: ClassVar = ("submissions", "metrics")
     work_dir: str = "work"
     """Every output goes under this folder."""
     competition: str = "competition"
@@ -50,14 +49,16 @@ class Paths(Section):
     """train's out-of-fold probabilities, `<backbone>.parquet`."""
     preds: str = "preds"
     """infer's test and TTA'd out-of-fold probabilities."""
+    logs: str = "logs"
+    """Each stage run's log, `<stage>[-<backbone>]-<UTC time>.log`: everything it printed; `train.loggers`' files."""
     metrics: str = "metrics"
-    """train's and submit's metrics JSON for DVC."""
+    """Relative to the current folder (the repository root), tracked by git: the metrics JSON that DVC shows."""
     plots: str = "plots"
-    """Training curves and confusion matrices."""
+    """What `dvc plots show` draws: the folds' curves, confusion matrices, Optuna's plots of each study."""
     ensemble: str = "ensemble"
     """ensemble's blended probabilities, weights, scores and report."""
     submissions: str = "submissions"
-    """submit's kept submissions, `submission.csv` and `leaderboard.csv`."""
+    """Relative to the current folder, tracked by git: every kept submission, `submission.csv`, `leaderboard.csv`."""
 
 
 class Data(Section):
@@ -178,6 +179,9 @@ class Train(Section):
     """timm CutMix alpha (0: off; single-head targets only)."""
     mix_prob: float = Field(default=1.0, ge=0, le=1)
     """Probability that a batch is mixed."""
+    model: str | None = None
+    """A backbone's timm model when its key differs (null: the key): a key with a dot, which DVC would read as
+    nesting (`convnext_tiny.fb_in22k`), becomes `convnext_tiny_fb_in22k` with this set to the name."""
     pretrained: bool = False
     """Start from timm's pretrained weights (from the Hugging Face hub)."""
     pretrained_file: str | None = None
@@ -224,6 +228,10 @@ class Train(Section):
     """Train only these folds (none: all)."""
     refit: bool = False
     """After the folds, train one model on every training image for the folds' mean best epoch count."""
+    loggers: list[Literal["dvclive", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["dvclive"])
+    """Where every fold's per-epoch metrics go: `dvclive`, `tensorboard`, `wandb` (offline unless WANDB_MODE is set)."""
+    wandb_project: str = "kaggle-image-pipeline"
+    """The Weights & Biases project of the `wandb` logger's runs (one run per backbone and fold)."""
 
 
 class Runtime(Section):
@@ -268,15 +276,6 @@ class TuneParam(Section):
         return self
 
 
-def _default_space() -> dict[str, TuneParam]:
-    return {
-        "lr": TuneParam(type="float", low=2e-3, high=1.2e-2, log=True),
-        "weight_decay": TuneParam(type="float", low=1e-3, high=0.1, log=True),
-        "label_smoothing": TuneParam(type="float", low=0.0, high=0.1),
-        "drop_rate": TuneParam(type="float", low=0.0, high=0.3),
-    }
-
-
 class Tune(Section):
     enabled: bool = True
     """Run the search (false: write an empty `best_params.yaml`)."""
@@ -291,14 +290,19 @@ class Tune(Section):
     pruner: Literal["median", "hyperband", "wilcoxon", "none"] = "median"
     """The Optuna pruner that stops unpromising trials early."""
     storage: str | None = None
-    """Optuna storage URL, e.g. PostgreSQL (none: a journal file under `paths.tuning`)."""
+    """Optuna storage URL, e.g. PostgreSQL (none: a journal file under `paths.tuning`); `env:NAME` reads it from that
+    environment variable, keeping a password out of params.yaml and dvc.lock. Shown and written masked."""
     seed: int = 0
     """Seed of the TPE sampler."""
     max_train: int | None = Field(default=None, gt=0)
     """Train trials on a subsample of this many images (none: all)."""
     min_gain: float = Field(default=0.02, ge=0)
     """The best trial replaces the untuned values only if it beats them by this much of the metric."""
-    space: dict[str, TuneParam] = Field(default_factory=_default_space)
+    space: dict[str, TuneParam] = Field(default_factory=lambda: {
+        "lr": TuneParam(type="float", low=2e-3, high=1.2e-2, log=True),
+        "weight_decay": TuneParam(type="float", low=1e-3, high=0.1, log=True),
+        "label_smoothing": TuneParam(type="float", low=0.0, high=0.1),
+        "drop_rate": TuneParam(type="float", low=0.0, high=0.3)})
     """The search space: `train.*` key -> its range."""
     heartbeat: int = Field(default=60, ge=1)
     """Seconds between a database worker's heartbeats; a dead worker's trial fails after two."""
@@ -377,15 +381,13 @@ class Config(Section):
         return self.with_train(self.backbones.get(name) or {})
 
     def path(self, name: str) -> Path:
-        """An output path from the ``paths`` section, resolved under the work directory."""
-        work_dir = Path(self.paths.work_dir)
-        return work_dir if name == "work_dir" else work_dir / getattr(self.paths, name)
+        """An output path of the ``paths`` section: under the work directory, or as given for a top-level one."""
+        folder = getattr(self.paths, name)
+        return Path(folder) if name == "work_dir" or name in Paths.TOP_LEVEL else Path(self.paths.work_dir) / folder
 
-
-# ---------------------------------------------------------------- loading (the machinery: pipeline/overrides.py)
 
 def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | tuple = ()) -> Config:
-    """Read a YAML config (None: the defaults), apply dotted overrides, validate."""
+    """Read a YAML config (None: the defaults), apply dotted overrides, validate (pipeline/overrides.py does it)."""
     return load_model(Config, path, overrides)
 
 

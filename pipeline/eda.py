@@ -4,9 +4,10 @@ Reads:  ``paths.cache``/ train.npy, test.npy, train.parquet, test.parquet, meta.
         prepare), and the headers (not the pixels) of the original image files the
         parquet tables point at.
 Writes: ``paths.eda``/ report.md (the readable report, PNGs embedded by relative links),
-        eda.json (every number in it), class_balance.png, sizes.png, intensity.png,
-        samples.png, plus groups.png with a group column, labels_<column>.png per head or
-        aux column, duplicates.png when duplicates are found.
+        eda.json (every number in it), and in figures/ (what ``dvc plots show`` shows):
+        class_balance.png, sizes.png, intensity.png, samples.png, adversarial.png, plus
+        groups.png with a group column, labels_<column>.png per head or aux column,
+        duplicates.png when duplicates are found.
 
 What a competitor checks first: how unbalanced the classes are (and per group, per extra
 label column), whether train and test images come in the same sizes, the mean/std that
@@ -138,11 +139,11 @@ def figures(summary: dict, tables: dict, raw: dict) -> dict[str, Figure]:
 def main(cfg: Config) -> dict:
     summary, tables, raw = analyse(Cache.open(cfg))
     plots = figures(summary, tables, raw)
-    summary["plots"] = sorted(plots)
+    summary["plots"] = [f"{layout.EDA_FIGURES}/{name}" for name in sorted(plots)]  # relative to the report
     # The folder is swapped in whole: no plot of an earlier run outlives it, a killed run changes nothing.
     with atomic_dir(layout.eda_dir(cfg)) as folder:
         for name, figure in plots.items():
-            save_figure(folder / name, figure)
+            save_figure(folder / layout.EDA_FIGURES / name, figure)
         write_json(folder / layout.EDA_SUMMARY, summary)
         write_text(folder / layout.EDA_REPORT, markdown_report(summary, tables, sorted(plots)))
     duplicates = summary["duplicates"]

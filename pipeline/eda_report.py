@@ -9,7 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.eda_stats import SAMPLES_PER_CLASS
-from pipeline.layout import slug
+from pipeline.layout import EDA_FIGURES, slug
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -202,9 +202,10 @@ def adversarial_lines(adversarial: dict) -> list[str]:
 # ---------------------------------------------------------------- the report
 
 def markdown_report(summary: dict, tables: dict[str, pd.DataFrame], plots: list[str]) -> str:
-    """The readable report: one section per topic with its tables, the PNGs linked relatively."""
+    """The readable report: one section per topic with its tables, the PNGs (``plots``, in the figures folder
+    beside it) linked relatively."""
     def image(name: str, caption: str) -> list[str]:
-        return [f"![{caption}]({name})", ""] if name in plots else []
+        return [f"![{caption}]({EDA_FIGURES}/{name})", ""] if name in plots else []
 
     height, width = summary["cache_size_hw"]
     headline = (f"{summary['n_train']} training images in {len(summary['class_names'])} classes, "

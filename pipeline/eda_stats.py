@@ -53,7 +53,7 @@ def label_crosstab(train: pd.DataFrame, column: str, class_names: list[str]) -> 
 def read_sizes(paths, desc: str) -> pd.DataFrame:
     """Width and height of each image from its header alone (no decoding); NaN where a file cannot be read."""
     rows = []
-    for path in tqdm(list(paths), desc=desc, unit="img", file=sys.stderr, mininterval=1.0):
+    for path in tqdm(list(paths), desc=desc, unit="img", file=sys.stderr, mininterval=1.0, disable=None):
         try:
             with Image.open(path) as image:  # open() parses the header; pixels are decoded only on load()
                 rows.append(image.size)
@@ -156,7 +156,7 @@ def scan_images(images, desc: str) -> dict:
     histogram = np.zeros((channels, 256), dtype=np.int64)
     sums = np.zeros((count, channels), dtype=np.int64)
     digests, hashes = [], np.zeros(count, dtype=np.uint64)
-    with tqdm(total=count, desc=desc, unit="img", file=sys.stderr, mininterval=1.0) as progress:
+    with tqdm(total=count, desc=desc, unit="img", file=sys.stderr, mininterval=1.0, disable=None) as progress:
         for start in range(0, count, step):
             chunk = np.ascontiguousarray(images[start:start + step])
             stop = start + len(chunk)

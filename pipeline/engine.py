@@ -70,7 +70,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, compute_loss, device: t
     model.train()
     total, seen = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
-    progress = tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    progress = tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
+                    disable=None)  # None: bars on a terminal only, never in a log
     steps = len(loader)
     for step, (images, targets) in enumerate(progress):
         images = to_device(images, device, channels_last)
@@ -119,7 +120,8 @@ def predict_logits(model: nn.Module, loader, device: torch.device, *, amp: torch
     """Concatenated head logits (float32, on the CPU) for every image of ``loader``, in order."""
     model.eval()
     outputs = []
-    for batch in tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
+                      disable=None):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         with autocast(device, amp):
             outputs.append(model(to_device(images, device, channels_last)).float().cpu())

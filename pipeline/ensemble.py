@@ -6,8 +6,9 @@ Reads:  ``paths.cache``/meta.json (classes) and sample_submission.csv (test orde
         what matches the test predictions) or, when infer wrote none, ``paths.oof``/<backbone>.parquet.
 Writes: ``paths.ensemble``/ oof.parquet (id, fold, classes), test.parquet (id, classes, in the
         sample submission's order), weights.json (chosen method, its weights, the members and
-        their OOF files), scores.json (flat, for DVC metrics), report.md and report.csv (every
-        model's and method's OOF score), correlation.png (the members' OOF correlation).
+        their OOF files), report.md and report.csv (every model's and method's OOF score),
+        correlation.png (the members' OOF correlation); ``paths.metrics``/ensemble.json (the chosen
+        method and its OOF score: DVC metrics, at the top level for git and ``dvc exp show``).
 
 Every method of ``ensemble.methods`` runs on the same members, aligned by id, and is scored on
 OOF with ``metric``, accuracy and log loss next to every single model. ``ensemble.method:
@@ -171,24 +172,31 @@ def format_weights(names: list[str], weights) -> str:
 # ---------------------------------------------------------------- reporting
 
 def correlation_figure(members: Members):
-    """Annotated heatmap of the Pearson correlation of the members' flattened OOF probabilities."""
+    """Annotated heatmap of the Pearson correlation of the members' flattened OOF probabilities.
+
+    The colours run from the least correlated pair to 1 (members of one ensemble are all fairly alike, so a
+    0..1 scale would paint every pair one colour); the diagonal, 1 by definition, is greyed out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    correlation = np.corrcoef(members.oof.reshape(len(members.names), -1)).reshape(len(members.names), -1)
-    size = max(3.5, 0.9 * len(members.names) + 2)
+    count = len(members.names)
+    correlation = np.corrcoef(members.oof.reshape(count, -1)).reshape(count, -1)
+    diagonal = np.eye(count, dtype=bool)
+    pairs = correlation[~diagonal & np.isfinite(correlation)]
+    lowest = min(float(pairs.min()), 0.99) if pairs.size else 0.0
+    size = max(3.5, 0.9 * count + 2)
     figure, axis = plt.subplots(figsize=(size, size * 0.85))
-    image = axis.imshow(correlation, cmap="viridis")
-    axis.set_xticks(range(len(members.names)), members.names, rotation=45, ha="right")
-    axis.set_yticks(range(len(members.names)), members.names)
-    for row in range(len(members.names)):
-        for column in range(len(members.names)):
-            value = correlation[row, column]
-            axis.text(column, row, f"{value:.3f}", ha="center", va="center",
-                      color="black" if value > np.nanmean(correlation) else "white")
-    figure.colorbar(image, ax=axis, fraction=0.046)
+    colours = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = axis.imshow(np.ma.masked_array(correlation, diagonal), cmap=colours, vmin=lowest, vmax=1.0)
+    axis.set_xticks(range(count), members.names, rotation=45, ha="right")
+    axis.set_yticks(range(count), members.names)
+    for (row, column), value in np.ndenumerate(correlation):
+        dark = not diagonal[row, column] and image.norm(value) < 0.6
+        axis.text(column, row, f"{value:.3f}", ha="center", va="center", color="white" if dark else "black")
+    figure.colorbar(image, ax=axis, fraction=0.046, label="Pearson r")
     axis.set_title("OOF probability correlation")
     return figure
 
@@ -304,7 +312,7 @@ def write_outputs(cfg: Config, members: Members, choice: Choice, table: pd.DataF
         "weights": None if choice.weights is None else dict(zip(members.names, choice.weights)),
         "class_offsets": None if choice.offsets is None else dict(zip(class_names, choice.offsets.tolist())),
         "oof_sources": members.sources})
-    write_json(out / layout.ENSEMBLE_SCORES, scores)
+    write_json(layout.ensemble_scores_file(cfg), scores)
     write_csv(out / layout.ENSEMBLE_TABLE, table)
     save_figure(out / layout.ENSEMBLE_CORRELATION, correlation_figure(members))
     write_text(out / layout.ENSEMBLE_REPORT, report_markdown(table, scores, members, cfg, choice.offsets_note))

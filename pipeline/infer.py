@@ -79,7 +79,7 @@ def predict_views(model: ProbabilityModel, images: np.ndarray, indices: np.ndarr
     loader = torch.utils.data.DataLoader(ImageDataset(images, indices), batch_size=batch_size, shuffle=False,
                                          pin_memory=device.type == "cuda")
     outputs = []
-    for batch in tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0):
+    for batch in tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0, disable=None):
         x = to_device(batch, device, channels_last).float()
         views = [x] if compose is None else [t.augment_image(x) for t in compose]
         with autocast(device, amp):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -105,10 +104,14 @@ def tuned_config(cfg: Config, backbone: str) -> Config:
         raise ConfigError(f"{path} sets invalid values: {problems}; {fix}") from None
 
 
+# Train keys that leave a fold's result alone: changing them must not retrain it.
+NOT_SETTINGS = {"folds", "loggers", "wandb_project"}
+
+
 def settings_key(cfg: Config, backbone: str, data: TrainingData, fold: int) -> str:
     """A digest of everything a fold's result depends on (settings, ids, folds, labels, the images and the code
     of training); a change starts the fold afresh."""
-    relevant = {"backbone": backbone, "fold": fold, "train": cfg.train.model_dump(exclude={"folds"}),
+    relevant = {"backbone": backbone, "fold": fold, "train": cfg.train.model_dump(exclude=NOT_SETTINGS),
                 "code": provenance.code_digest("kfold"), "images": data.cache_fingerprint,
                 "runtime": cfg.runtime.model_dump(exclude={"num_workers", "eval_batch_size"}), "metric": cfg.metric,
                 "data": [list(cfg.data.size_hw), cfg.data.channels, cfg.data.aux_cols],
@@ -167,11 +170,17 @@ class FoldResult:
     history: list[dict]
 
 
+def timm_name(cfg: Config, backbone: str) -> str:
+    """The timm model a backbone key stands for (its `model` override, else the key itself)."""
+    return cfg.train.model or backbone
+
+
 def build_fold(cfg: Config, backbone: str, data: TrainingData, train_indices: np.ndarray, epochs: int,
                device: torch.device, amp) -> FoldBuild:
     """Model (seeded by the caller), loss, optimizer, scheduler, AMP scaler, EMA and mixup of one fold."""
-    model = create_model(backbone, data.heads, cfg.data.channels, data.mean, data.std, cfg.train.pretrained,
-                         cfg.train.pretrained_file, cfg.train.drop_rate, cfg.train.drop_path_rate).to(device)
+    model = create_model(timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean, data.std,
+                         cfg.train.pretrained, cfg.train.pretrained_file, cfg.train.drop_rate,
+                         cfg.train.drop_path_rate).to(device)
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     compute_loss, losses = builders.make_loss(cfg, data.heads, data.targets[train_indices])
@@ -201,7 +210,7 @@ class FoldStore:
 
     def __init__(self, folder: Path | None, key: str, label: str):
         self.folder, self.key, self.label = folder, key, label
-        self.live = None
+        self.loggers = None  # the fold's loggers (pipeline.loggers.FoldLoggers), opened by train_fold
 
     def finished(self) -> dict | None:
         """The summary of a fold finished with the same settings, else None."""
@@ -234,42 +243,25 @@ class FoldStore:
         print(f"{self.label}: resuming from {last} at epoch {progress.start_epoch + 1}/{epochs}", file=sys.stderr)
         return progress
 
-    def open_curves(self, cfg: Config, backbone: str, fold: int, resume: bool) -> None:
-        """A DVCLive logger for the fold's per-epoch curves (plots only: no DVC experiment is created from here)."""
-        if self.folder is None:
-            return
-        from dvclive import Live
-
-        folder = layout.curves_dir(cfg, backbone) / f"fold{fold}"
-        if not resume:
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            self.live = Live(dir=str(folder), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
-        except Exception as error:  # dvclive probes git and DVC; a repo it cannot read must not stop training
-            print(f"{self.label}: per-epoch curves off, DVCLive failed: {error}", file=sys.stderr)
-
     def save_epoch(self, record: dict, payload: dict, build: FoldBuild, progress: FoldProgress,
                    improved: bool) -> None:
-        """Log the epoch's curves; write best.pt when it improved and last.pt always."""
-        if self.live is not None:
-            for name, value in record.items():
-                if name not in ("epoch", "seconds"):
-                    self.live.log_metric(name, value)
-            self.live.next_step()
-        if self.folder is None:
-            return
-        if improved:
-            save_checkpoint(self.folder / layout.checkpoint_name("best"), payload)
-        parts = {name: getattr(build, name).state_dict() if getattr(build, name) is not None else None
-                 for name in ("optimizer", "scheduler", "ema", "scaler")}
-        save_checkpoint(self.folder / layout.FOLD_LAST, {
-            **payload, "model": build.model.state_dict(), **parts, "updates": build.state.updates,
-            "best_score": progress.best_score, "best_epoch": progress.best_epoch, "stale": progress.stale,
-            "history": progress.history, "best_proba": progress.best_proba})
+        """Write best.pt when the epoch improved and last.pt always, then log its metrics (``record``) to the
+        fold's loggers: after the save, so that a fold resumed from last.pt never logs an epoch twice."""
+        if self.folder is not None:
+            if improved:
+                save_checkpoint(self.folder / layout.checkpoint_name("best"), payload)
+            parts = {name: getattr(build, name).state_dict() if getattr(build, name) is not None else None
+                     for name in ("optimizer", "scheduler", "ema", "scaler")}
+            save_checkpoint(self.folder / layout.FOLD_LAST, {
+                **payload, "model": build.model.state_dict(), **parts, "updates": build.state.updates,
+                "best_score": progress.best_score, "best_epoch": progress.best_epoch, "stale": progress.stale,
+                "history": progress.history, "best_proba": progress.best_proba})
+        if self.loggers is not None and record:
+            self.loggers.log(record, step=payload["epoch"])
 
     def finish(self, progress: FoldProgress) -> None:
-        if self.live is not None:
-            self.live.end()
+        if self.loggers is not None:
+            self.loggers.close()
         if self.folder is None:
             return
         with atomic_path(self.folder / layout.FOLD_VALIDATION) as temporary, open(temporary, "wb") as handle:
@@ -292,13 +284,14 @@ def fold_indices(cfg: Config, data: TrainingData, fold: int, train_subset: int |
     return train_indices, validation_indices
 
 
-def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_dir: Path | None,
-               on_epoch=None, epochs: int | None = None, train_subset: int | None = None) -> FoldResult:
+def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_dir: Path | None, on_epoch=None,
+               epochs: int | None = None, train_subset: int | None = None, open_loggers=None) -> FoldResult:
     """Train one fold; returns the best epoch's validation probabilities.
 
     ``out_dir`` (None: keep nothing on disk, as tuning trials do) receives best.pt, last.pt and
     done.json. ``on_epoch(epoch, score)`` is called after every validation, which is how Optuna
-    prunes; it may raise to stop the fold.
+    prunes; it may raise to stop the fold. ``open_loggers(fold, resume)`` opens the loggers every
+    epoch's metrics go to (``pipeline.loggers``; None: none, as in tuning trials).
     """
     epochs = epochs or cfg.train.epochs
     label = f"[{backbone}] fold {fold}"
@@ -316,7 +309,8 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
     seed_everything(cfg.train.seed + 1000 * fold)
     build = build_fold(cfg, backbone, data, train_indices, epochs, device, amp)
     progress = store.resume(build, epochs)
-    store.open_curves(cfg, backbone, fold, resume=progress.start_epoch > 0)
+    if open_loggers is not None:
+        store.loggers = open_loggers(fold, progress.start_epoch > 0)
     eval_loader = builders.make_eval_loader(cfg, data.images, validation_indices, device,
                                             cfg.runtime.eval_batch_size)
     y_true = data.labels[validation_indices]
@@ -334,9 +328,10 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
         print(f"{label} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} val_loss {record['val_loss']:.4f} "
               f"{cfg.metric} {record[cfg.metric]:.4f}{' *' if improved else ''} ({record['seconds']}s)",
               file=sys.stderr)
-        payload = {"model": build.evaluated.state_dict(), "backbone": backbone, "heads": data.heads.to_dict(),
+        payload = {"model": build.evaluated.state_dict(), "backbone": timm_name(cfg, backbone),
+                   "heads": data.heads.to_dict(),
                    "in_chans": cfg.data.channels, "mean": data.mean, "std": data.std,
-                   "config": cfg.model_dump(mode="json"), "epoch": epoch, "score": record[cfg.metric],
+                   "config": provenance.public_config(cfg), "epoch": epoch, "score": record[cfg.metric],
                    "key": store.key}
         store.save_epoch({k: record[k] for k in ("train_loss", "val_loss", cfg.metric, "lr")}, payload, build,
                          progress, improved)
@@ -387,13 +382,15 @@ def score_epoch(cfg: Config, build: FoldBuild, progress: FoldProgress, y_true, p
 # ---------------------------------------------------------------- the folds of one backbone
 
 def cross_validate(cfg: Config, backbone: str, data: TrainingData, out_dir: Path | None, folds: list[int],
-                   on_fold=None, on_epoch=None, epochs: int | None = None, train_subset: int | None = None):
-    """Train the given folds; returns their FoldResults. ``on_fold(index, score)`` follows each fold."""
+                   on_fold=None, on_epoch=None, epochs: int | None = None, train_subset: int | None = None,
+                   open_loggers=None):
+    """Train the given folds; returns their FoldResults. ``on_fold(index, score)`` follows each fold;
+    ``open_loggers`` is train_fold's."""
     results = []
     for position, fold in enumerate(folds):
         callback = (lambda epoch, score, fold=fold: on_epoch(fold, epoch, score)) if on_epoch else None
         fold_dir = out_dir / f"fold{fold}" if out_dir is not None else None
-        result = train_fold(cfg, backbone, data, fold, fold_dir, callback, epochs, train_subset)
+        result = train_fold(cfg, backbone, data, fold, fold_dir, callback, epochs, train_subset, open_loggers)
         results.append(result)
         if on_fold is not None:
             on_fold(position, result.best_score)

@@ -1,9 +1,10 @@
 """Every artifact path, named once.
 
-The ``paths`` section of the config names the folders (under ``paths.work_dir``); this
-module names the files in them. Stages ask here for every path they read or write, and
-``tests/test_layout.py`` checks that ``dvc.yaml``'s deps and outs are exactly these paths, so
-a file name is never spelled in two places that could drift apart.
+The ``paths`` section of the config names the folders (under ``paths.work_dir``, but for the
+team's record at the top level: ``paths.submissions`` and ``paths.metrics``, tracked by git so that
+``dvc exp show`` sees the metrics); this module names the files in them. Stages ask here for every
+path they read or write, and ``tests/test_layout.py`` checks that ``dvc.yaml``'s deps and outs are
+exactly these paths, so a file name is never spelled in two places that could drift apart.
 
 Files written inside a temporary folder first (the cache, the EDA report) are named by the
 constants below, joined onto that folder by the writer.
@@ -12,9 +13,10 @@ constants below, joined onto that folder by the writer.
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import Config, Paths
 
 # Inside the image cache (prepare writes them into a temporary folder, then renames it).
 CACHE_META = "meta.json"
@@ -23,6 +25,7 @@ CACHE_SAMPLE_SUBMISSION = "sample_submission.csv"
 CACHE_SOLUTION = "solution.csv"
 EDA_REPORT = "report.md"
 EDA_SUMMARY = "eda.json"
+EDA_FIGURES = "figures"  # the report's PNGs, a folder of their own: what `dvc plots show` shows of the EDA
 # Inside a fold's model folder.
 FOLD_DONE = "done.json"
 FOLD_VALIDATION = "validation.npy"
@@ -31,10 +34,15 @@ FOLD_LAST = "last.pt"
 ENSEMBLE_OOF = "oof.parquet"
 ENSEMBLE_TEST = "test.parquet"
 ENSEMBLE_WEIGHTS = "weights.json"
-ENSEMBLE_SCORES = "scores.json"
 ENSEMBLE_REPORT = "report.md"
 ENSEMBLE_TABLE = "report.csv"
 ENSEMBLE_CORRELATION = "correlation.png"
+# Inside the metrics folder (beside one `<backbone>.json` per backbone).
+ENSEMBLE_SCORES = "ensemble.json"
+SUBMISSION_SCORES = "submission.json"
+
+STAGES = ("prepare", "eda", "folds", "tune", "train", "infer", "ensemble", "submit")
+PER_BACKBONE = ("tune", "train", "infer")  # dvc.yaml's foreach stages over `backbones`
 
 
 def slug(name: str) -> str:
@@ -47,8 +55,23 @@ def work_dir(cfg: Config) -> Path:
 
 
 def _under(cfg: Config, name: str) -> Path:
-    """A folder or file that the ``paths`` section names, under the work directory."""
+    """A folder or file that the ``paths`` section names, under the work directory (or at the top level)."""
     return cfg.path(name)
+
+
+def overrides_under(folder: str | Path) -> list[str]:
+    """Dotted overrides that put every output under ``folder``, the top-level record included (tests, benchmarks)."""
+    return [f"paths.work_dir={folder}", *(f"paths.{name}={Path(folder) / name}" for name in Paths.TOP_LEVEL)]
+
+
+def logs_dir(cfg: Config) -> Path:
+    return _under(cfg, "logs")
+
+
+def log_file(cfg: Config, stage: str, backbone: str | None, started: datetime) -> Path:
+    """A stage run's log: ``<stage>[-<backbone>]-<UTC YYYYmmdd-HHMMSS>.log``."""
+    parts = [stage, *([slug(backbone)] if backbone else []), f"{started:%Y%m%d-%H%M%S}"]
+    return logs_dir(cfg) / ("-".join(parts) + ".log")
 
 
 # ---------------------------------------------------------------- prepare, eda, folds
@@ -79,6 +102,10 @@ def eda_dir(cfg: Config) -> Path:
     return _under(cfg, "eda")
 
 
+def eda_figures_dir(cfg: Config) -> Path:
+    return eda_dir(cfg) / EDA_FIGURES
+
+
 def folds_file(cfg: Config) -> Path:
     return _under(cfg, "folds")
 
@@ -92,6 +119,11 @@ def folds_balance_file(cfg: Config) -> Path:
 
 def tuning_dir(cfg: Config, backbone: str) -> Path:
     return _under(cfg, "tuning") / slug(backbone)
+
+
+def tuning_plots_dir(cfg: Config, backbone: str) -> Path:
+    """Optuna's plots of a backbone's study (history, importances, ...), for ``dvc plots show``."""
+    return _under(cfg, "plots") / "tuning" / slug(backbone)
 
 
 def best_params_file(cfg: Config, backbone: str) -> Path:
@@ -125,13 +157,30 @@ def oof_file(cfg: Config, backbone: str) -> Path:
     return _under(cfg, "oof") / f"{slug(backbone)}.parquet"
 
 
+def metrics_dir(cfg: Config) -> Path:
+    """The top-level, git-tracked metrics folder that ``dvc metrics show`` and ``dvc exp show`` read."""
+    return _under(cfg, "metrics")
+
+
 def train_metrics_file(cfg: Config, backbone: str) -> Path:
-    return _under(cfg, "metrics") / f"{slug(backbone)}.json"
+    return metrics_dir(cfg) / f"{slug(backbone)}.json"
 
 
-def curves_dir(cfg: Config, backbone: str) -> Path:
-    """DVCLive's per-epoch curves of a backbone, one subfolder per fold."""
-    return _under(cfg, "plots") / "train" / slug(backbone)
+def fold_curves_dir(cfg: Config, backbone: str) -> Path:
+    """The folds' per-epoch curves of a backbone for ``dvc plots show``: one TSV per metric (epoch, fold, value),
+    drawn with the folds overlaid by the ``fold_curves`` template (``.dvc/plots/fold_curves.json``)."""
+    return _under(cfg, "plots") / "curves" / slug(backbone)
+
+
+def fold_logs_dir(cfg: Config, logger: str, backbone: str, fold: int | None = None) -> Path:
+    """A training logger's folder (``dvclive``, ``tensorboard``) for a backbone, or for one of its folds."""
+    folder = logs_dir(cfg) / logger / slug(backbone)
+    return folder if fold is None else folder / f"fold{fold}"
+
+
+def wandb_dir(cfg: Config) -> Path:
+    """The folder the wandb logger makes its ``wandb/`` run folders in (``wandb.init(dir=...)``)."""
+    return logs_dir(cfg)
 
 
 def confusion_file(cfg: Config, backbone: str) -> Path:
@@ -156,6 +205,11 @@ def ensemble_dir(cfg: Config) -> Path:
     return _under(cfg, "ensemble")
 
 
+def ensemble_scores_file(cfg: Config) -> Path:
+    """The ensemble's OOF scores and chosen method (DVC metrics; submit reads the method and CV here)."""
+    return metrics_dir(cfg) / ENSEMBLE_SCORES
+
+
 def submissions_dir(cfg: Config) -> Path:
     return _under(cfg, "submissions")
 
@@ -169,25 +223,42 @@ def latest_submission_file(cfg: Config) -> Path:
 
 
 def submission_metrics_file(cfg: Config) -> Path:
-    return _under(cfg, "metrics") / "submission.json"
+    return metrics_dir(cfg) / SUBMISSION_SCORES
 
 
-# ---------------------------------------------------------------- what each stage writes (checked against dvc.yaml)
+# ---------------------------------------------------------------- what each stage reads and writes (dvc.yaml's)
+
+def stage_inputs(cfg: Config, stage: str, backbone: str | None = None) -> list[Path]:
+    """The artifacts a stage reads, its data deps in ``dvc.yaml`` (prepare reads the competition folder, ``data.*``)."""
+    cache, folds = cache_dir(cfg), folds_file(cfg)
+    table = {
+        "prepare": lambda: [],
+        "eda": lambda: [cache],
+        "folds": lambda: [cache_index(cfg, "train")],
+        "tune": lambda: [cache, folds],
+        "train": lambda: [cache, folds, tuning_dir(cfg, backbone)],
+        "infer": lambda: [model_dir(cfg, backbone), cache, folds, tuning_dir(cfg, backbone)],
+        "ensemble": lambda: [_under(cfg, "preds"), _under(cfg, "oof"), folds, cache],
+        "submit": lambda: [ensemble_dir(cfg) / ENSEMBLE_TEST, ensemble_scores_file(cfg),
+                           ensemble_dir(cfg) / ENSEMBLE_WEIGHTS, cache],
+    }
+    return table[stage]()
+
 
 def stage_outputs(cfg: Config, stage: str, backbone: str | None = None) -> list[Path]:
-    """The outs and metrics that ``dvc.yaml`` must declare for a stage (``backbone`` for the per-backbone ones)."""
+    """The outs, metrics and plots ``dvc.yaml`` declares for a stage (``backbone`` for the per-backbone ones)."""
     ensemble = ensemble_dir(cfg)
     table = {
         "prepare": lambda: [cache_dir(cfg)],
         "eda": lambda: [eda_dir(cfg)],
         "folds": lambda: [folds_file(cfg), folds_balance_file(cfg)],
-        "tune": lambda: [tuning_dir(cfg, backbone)],
-        "train": lambda: [model_dir(cfg, backbone), oof_file(cfg, backbone), curves_dir(cfg, backbone),
+        "tune": lambda: [tuning_dir(cfg, backbone), tuning_plots_dir(cfg, backbone)],
+        "train": lambda: [model_dir(cfg, backbone), oof_file(cfg, backbone), fold_curves_dir(cfg, backbone),
                           confusion_file(cfg, backbone), train_metrics_file(cfg, backbone)],
         "infer": lambda: [preds_file(cfg, backbone), preds_oof_file(cfg, backbone), tta_file(cfg, backbone)],
-        "ensemble": lambda: [ensemble / name for name in (ENSEMBLE_OOF, ENSEMBLE_TEST, ENSEMBLE_WEIGHTS,
-                                                          ENSEMBLE_REPORT, ENSEMBLE_TABLE, ENSEMBLE_CORRELATION,
-                                                          ENSEMBLE_SCORES)],
+        "ensemble": lambda: [*(ensemble / name for name in (ENSEMBLE_OOF, ENSEMBLE_TEST, ENSEMBLE_WEIGHTS,
+                                                            ENSEMBLE_REPORT, ENSEMBLE_TABLE, ENSEMBLE_CORRELATION)),
+                             ensemble_scores_file(cfg)],
         "submit": lambda: [submissions_dir(cfg), submission_metrics_file(cfg)],
     }
     return table[stage]()

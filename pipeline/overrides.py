@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pipeline.artifacts import atomic_path
 from pipeline.errors import ConfigError
 
 
@@ -100,6 +102,11 @@ def load_model(model: type[BaseModel], path: str | Path | None, overrides: list[
         raise _explain(error, source, model) from None
 
 
+def mask_password(url: str) -> str:
+    """``scheme://user:password@host/db`` -> ``scheme://user:***@host/db``; anything else unchanged."""
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
 def dump(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json", exclude_none=False), sort_keys=False)
 
@@ -115,6 +122,10 @@ def backbone_mapping(value):
         raise ValueError("list at least one timm backbone")
     if isinstance(value, dict):
         value = {name: overrides or {} for name, overrides in value.items()}
+        # DVC reads `backbones.convnext_tiny.fb_in22k` (a per-backbone stage's params) as nested keys: a name with
+        # a dot gets a key without one, and the timm name moves into its `model` override.
+        value = {name.replace(".", "_"): ({"model": name} | overrides) if "." in name else overrides
+                 for name, overrides in value.items()}
     return value
 
 
@@ -136,10 +147,15 @@ def check_backbone_overrides(backbones: dict[str, dict], train: BaseModel) -> No
 
 
 def run_cli(load: Callable[..., BaseModel], argv: list[str] | None = None) -> None:
-    """``python -m pipeline.config``: validate a config and print it resolved (``--dump``: the defaults)."""
+    """``python -m pipeline.config``: validate a config and print it resolved (``--dump``: the defaults).
+
+    ``--write FILE`` writes the resolved config there instead (atomically): with ``--write params.yaml`` a preset
+    or a competition's settings become what ``dvc repro`` and ``dvc exp run`` track, backbones included.
+    """
     parser = argparse.ArgumentParser(description="Validate a config and print it resolved.")
     parser.add_argument("--config", default="params.yaml")
     parser.add_argument("--dump", action="store_true", help="print the defaults (for params.yaml)")
+    parser.add_argument("--write", metavar="FILE", help="write the resolved config to FILE (e.g. params.yaml)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
@@ -147,4 +163,10 @@ def run_cli(load: Callable[..., BaseModel], argv: list[str] | None = None) -> No
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(dump(config), end="")
+    if args.write is None:
+        print(mask_password(dump(config)), end="")  # shown, so a database password is masked
+        return
+    with atomic_path(args.write) as temporary:
+        Path(temporary).write_text(dump(config))
+    print(f"wrote {args.write}: {'the defaults' if args.dump else args.config} "
+          f"{' '.join(args.overrides)}".rstrip(), file=sys.stderr)

@@ -113,7 +113,7 @@ def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, de
             with open(out_path, "r+b") as handle:
                 handle.seek(offset)
                 for index, (array, problem) in enumerate(tqdm(results, total=len(tasks), desc=desc, unit="img",
-                                                              file=sys.stderr, mininterval=1.0)):
+                                                              file=sys.stderr, mininterval=1.0, disable=None)):
                     if problem:
                         failures.append((tasks[index][0], problem))
                         array = blank

@@ -14,11 +14,12 @@ import sys
 
 import numpy as np
 
-from pipeline import layout
+from pipeline import layout, provenance
 from pipeline.artifacts import write_json
 from pipeline.config import Config
 from pipeline.engine import autocast_dtype, resolve_device, seed_everything
-from pipeline.kfold import FoldResult, FoldStore, TrainingData, build_fold, run_epoch, settings_key
+from pipeline.kfold import (FoldResult, FoldStore, TrainingData, build_fold, run_epoch, settings_key,
+                            timm_name)
 
 REFIT_FOLD = -1  # the fold number its seeds and settings key use
 
@@ -51,9 +52,10 @@ def train_refit(cfg: Config, backbone: str, data: TrainingData, epochs: int) -> 
         loss = run_epoch(cfg, build, data, rows, REFIT_FOLD, epoch, epochs, label, device, amp)
         progress.history.append({"epoch": epoch + 1, "train_loss": loss})
         print(f"{label} epoch {epoch + 1}/{epochs}: train_loss {loss:.4f}", file=sys.stderr)
-        payload = {"model": build.evaluated.state_dict(), "backbone": backbone, "heads": data.heads.to_dict(),
+        payload = {"model": build.evaluated.state_dict(), "backbone": timm_name(cfg, backbone),
+                   "heads": data.heads.to_dict(),
                    "in_chans": cfg.data.channels, "mean": data.mean, "std": data.std,
-                   "config": cfg.model_dump(mode="json"), "epoch": epoch, "key": store.key}
+                   "config": provenance.public_config(cfg), "epoch": epoch, "key": store.key}
         store.save_epoch({}, payload, build, progress, improved=epoch == epochs - 1)
     summary = {"key": store.key, "epochs": epochs, "history": progress.history}
     write_json(done, summary)

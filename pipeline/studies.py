@@ -32,8 +32,16 @@ def worker_name() -> str:
 
 
 def storage_target(cfg: Config) -> str:
-    """``tune.storage``, or by default the journal file shared by every backbone's study."""
-    return cfg.tune.storage or str(layout.optuna_journal(cfg))
+    """``tune.storage`` (``env:NAME``: the URL in that environment variable), or by default the journal file
+    shared by every backbone's study."""
+    storage = cfg.tune.storage
+    if storage and storage.startswith("env:"):
+        name = storage.removeprefix("env:")
+        if not os.environ.get(name):
+            raise ConfigError(f"tune.storage is {storage!r}, but the environment variable {name} is not set: "
+                              f"export {name}=postgresql://user:password@host:5432/db (or set tune.storage)")
+        return os.environ[name]
+    return storage or str(layout.optuna_journal(cfg))
 
 
 def storage_label(cfg: Config) -> str:

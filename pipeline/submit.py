@@ -1,12 +1,14 @@
 """Stage submit: write the competition CSV from the ensemble and score it like the leaderboard.
 
-Reads:  ``paths.ensemble``/ test.parquet, scores.json, weights.json; ``paths.cache``/ meta.json and
-        sample_submission.csv; ``paths.cache``/solution.csv when the competition has hidden labels
-        (read here only, for scoring: no stage that makes a choice ever sees it).
+Reads:  ``paths.ensemble``/ test.parquet, weights.json; ``paths.metrics``/ensemble.json (method, CV);
+        ``paths.cache``/ meta.json and sample_submission.csv; ``paths.cache``/solution.csv when the
+        competition has hidden labels (read here only, for scoring: no stage that makes a choice ever sees it).
 Writes: ``paths.submissions``/ <UTC YYYYmmdd-HHMMSS>_<method>_cv<score>.csv (every submission is
         kept), submission.csv (the latest), leaderboard.csv (one row per submission: time, file,
-        method, members, metric, cv, public, private); ``paths.metrics``/submission.json (cv,
-        public, private: DVC metrics, outside the kept-submissions folder DVC persists).
+        method, members, metric, cv, public, private, and where it came from: commit (short sha,
+        ``+dirty``), DVC experiment, config digest); ``paths.metrics``/submission.json (cv, public,
+        private: DVC metrics, outside the kept-submissions folder DVC persists). Both folders are at
+        the repository's top level, tracked by git.
 
 The CSV has exactly the sample submission's shape: its columns in its order, its ids as its text
 in its row order, other columns untouched; the target column holds the argmax class name
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import cli, layout, metrics
+from pipeline import cli, layout, metrics, provenance
 from pipeline.artifacts import read_json, read_table, read_text_csv, write_csv, write_json
 from pipeline.competition import encode_labels
 from pipeline.config import Config
@@ -174,10 +176,12 @@ def keep_submission(cfg: Config, submission: pd.DataFrame, method: str, cv: floa
 
 
 def append_leaderboard(path: Path, row: dict) -> pd.DataFrame:
-    """Read, append, write whole (atomically): a killed run leaves the old board, never half a row."""
+    """Read, append, write whole (atomically): a killed run leaves the old board, never half a row.
+
+    Earlier rows are read as text and written back as they were (a sha like ``1e34567`` stays text)."""
     board = pd.DataFrame([row])
     if path.exists():
-        board = pd.concat([read_table(path, "leaderboard"), board], ignore_index=True)
+        board = pd.concat([read_text_csv(path, "leaderboard"), board], ignore_index=True)
     write_csv(path, board)
     return board
 
@@ -190,8 +194,16 @@ def credentials_found() -> bool:
     return any((folder / "kaggle.json").is_file() for folder in folders)
 
 
-def upload(cfg: Config, path: Path) -> None:
-    """``kaggle competitions submit``; anything missing is one PipelineError listing what and how."""
+def upload_message(message: str, row: dict) -> str:
+    """The Kaggle submission message: ``submit.message``, then the leaderboard row's method, CV and provenance."""
+    parts = [message, f"{row['method']} cv {row['cv']:.4f}", f"commit {row['commit'] or 'none'}"]
+    if row["experiment"]:
+        parts.append(f"exp {row['experiment']}")
+    return " | ".join([*parts, f"config {row['config']}"])
+
+
+def upload(cfg: Config, path: Path, message: str) -> None:
+    """``kaggle competitions submit ... -m message``; anything missing is one PipelineError listing what and how."""
     missing = []
     if shutil.which("kaggle") is None:
         missing.append("the kaggle command-line tool is not on PATH (pip install kaggle)")
@@ -205,7 +217,7 @@ def upload(cfg: Config, path: Path) -> None:
         raise PipelineError("submit.upload is on but cannot upload: " + "; ".join(missing)
                             + f". The local submission is written: {path}")
     command = ["kaggle", "competitions", "submit", "-c", cfg.submit.competition, "-f", str(path),
-               "-m", cfg.submit.message]
+               "-m", message]
     try:
         result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
@@ -214,6 +226,11 @@ def upload(cfg: Config, path: Path) -> None:
         raise PipelineError(f"kaggle upload failed (exit {result.returncode}): "
                             f"{(result.stderr or result.stdout).strip()[-800:]}; the local submission is {path}")
     print(f"submit: uploaded to {cfg.submit.competition}: {result.stdout.strip()}", file=sys.stderr)
+
+
+def record_paths(cfg: Config) -> list[Path]:
+    """What a run rewrites among git's files (left out of the commit's dirty check): dvc.lock, metrics, submissions."""
+    return [Path("dvc.lock"), layout.metrics_dir(cfg), layout.submissions_dir(cfg)]
 
 
 def read_ensemble_test(cfg: Config, cache: Cache, sample_ids: list[str], sample_path: Path) -> np.ndarray:
@@ -239,7 +256,7 @@ def main(cfg: Config) -> dict:
     sample = read_text_csv(sample_path, "sample submission", "prepare")
     value_columns(sample, class_names, kind, target_col)
     ensemble = layout.ensemble_dir(cfg)
-    ensemble_scores = read_json(ensemble / layout.ENSEMBLE_SCORES, "ensemble scores", "the ensemble stage")
+    ensemble_scores = read_json(layout.ensemble_scores_file(cfg), "ensemble scores", "the ensemble stage")
     members = read_json(ensemble / layout.ENSEMBLE_WEIGHTS, "ensemble weights", "the ensemble stage")["members"]
     if ensemble_scores["metric"] != metric:
         raise DataError(f"the ensemble was scored with {ensemble_scores['metric']} but the config's metric is "
@@ -259,7 +276,7 @@ def main(cfg: Config) -> dict:
         solution = read_text_csv(solution_path, "solution", "prepare")
         scores = leaderboard_scores(submission, solution, class_names, kind, metric, id_col, target_col)
     row = {"time": f"{now:%Y-%m-%dT%H:%M:%SZ}", "file": path.name, "method": method, "members": "+".join(members),
-           "metric": metric, "cv": cv, **scores}
+           "metric": metric, "cv": cv, **scores, **provenance.run_provenance(cfg, record_paths(cfg))}
     board = append_leaderboard(layout.leaderboard_file(cfg), row)
     result = {"cv": cv, **scores, "method": method, "metric": metric}
     write_json(layout.submission_metrics_file(cfg), result)
@@ -271,7 +288,7 @@ def main(cfg: Config) -> dict:
           f"  {metric}: CV {cv:.4f} | Public {shown(scores['public'])} | Private {shown(scores['private'])}\n"
           f"leaderboard (last 5):\n{board.tail(5).to_string(index=False)}", file=sys.stderr)
     if cfg.submit.upload:
-        upload(cfg, path)
+        upload(cfg, path, upload_message(cfg.submit.message, row))
     return {**result, "file": str(path)}
 
 

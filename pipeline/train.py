@@ -5,8 +5,10 @@ Reads:  the image cache, folds.csv, and the backbone's tuned ``best_params.yaml`
 Writes: per backbone, ``models/<backbone>/fold<k>/`` (best.pt and last.pt: weights, the resolved
         config, the heads and class names, enough to rebuild the model alone), ``oof/<backbone>.parquet``
         (id, fold, one probability column per class; every training id exactly once),
-        ``metrics/<backbone>.json`` (per fold and mean/std), the per-epoch curves of every fold
-        (DVCLive) and a confusion-matrix PNG. Every path is named in ``pipeline.layout``.
+        ``metrics/<backbone>.json`` (per fold and mean/std), the folds' per-epoch curves (one TSV per metric,
+        the folds overlaid by ``dvc plots show``), a confusion-matrix PNG (rows normalised per true class,
+        counts in the cells), and every epoch's metrics to the loggers of ``train.loggers`` (DVCLive,
+        TensorBoard, wandb: ``pipeline.loggers``). Every path is named in ``pipeline.layout``.
 
 The folds themselves are ``pipeline.kfold``'s: a finished fold is skipped, a killed one resumes.
 """
@@ -15,38 +17,60 @@ from __future__ import annotations
 
 import shutil
 import sys
+from functools import partial
 
 import numpy as np
+import pandas as pd
 
 from pipeline import cli, layout, metrics
-from pipeline.artifacts import probability_table, save_figure, write_json, write_parquet
+from pipeline.artifacts import atomic_dir, probability_table, save_figure, write_json, write_parquet
 from pipeline.builders import check_choices
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.kfold import cross_validate, load_training_data, tuned_config
+from pipeline.loggers import FOLD_FOLDERS, check_loggers, open_fold_loggers
 from pipeline.refit import refit_epochs, train_refit
 
 
 def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], title: str):
+    """The confusion matrix normalised per true class (each row sums to 1, so a rare class's recall shows as
+    plainly as a common one's), with each cell's share and count written in it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-    size = max(4.0, 0.45 * len(class_names) + 2)
+    counts = confusion_matrix(y_true, y_pred, labels=range(len(class_names)))
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.6 * len(class_names) + 2)
     figure, axis = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=range(len(class_names)),
-                                            display_labels=class_names, ax=axis, colorbar=False,
-                                            xticks_rotation=45 if len(class_names) > 6 else 0)
-    axis.set_title(title)
+    display = ConfusionMatrixDisplay(shares, display_labels=class_names)
+    display.plot(ax=axis, cmap="Blues", colorbar=True, im_kw={"vmin": 0.0, "vmax": 1.0},
+                 xticks_rotation=45 if len(class_names) > 6 else 0)
+    for (row, column), text in np.ndenumerate(display.text_):
+        text.set_text(f"{shares[row, column]:.2f}\n({counts[row, column]})")
+        text.set_fontsize(8 if len(class_names) > 6 else 10)
+    axis.set_title(f"{title}\nrows: true class, share of its images (count)", fontsize=10)
     return figure
 
 
+def write_fold_curves(cfg: Config, backbone: str, results) -> None:
+    """The folds' per-epoch history as one TSV per metric (epoch, fold, value), which ``dvc plots show`` draws
+    with the folds overlaid; the folder is swapped in whole, so a metric no longer logged leaves no file."""
+    history = pd.DataFrame([{"fold": result.fold, **record} for result in results for record in result.history])
+    with atomic_dir(layout.fold_curves_dir(cfg, backbone)) as folder:
+        for name in [c for c in history.columns if c not in ("epoch", "fold", "seconds")]:
+            curve = history[["epoch", "fold", name]].dropna()  # the value last: DVC's y when none is named
+            curve.astype({"epoch": int, "fold": int}).to_csv(folder / f"{name}.tsv", sep="\t", index=False)
+
+
 def remove_stale_folds(cfg: Config, backbone: str, current: list[int]) -> None:
-    """Delete the fold folders (models and curves) of folds the current folds.csv does not have: they were
+    """Delete the fold folders (models and fold logs) of folds the current folds.csv does not have: they were
     trained on another split and infer must never average them in."""
-    for folder in [*layout.model_dir(cfg, backbone).glob("fold*"), *layout.curves_dir(cfg, backbone).glob("fold*")]:
+    parents = [layout.model_dir(cfg, backbone), *(layout.fold_logs_dir(cfg, name, backbone)
+                                                  for name in FOLD_FOLDERS)]
+    for folder in [path for parent in parents for path in parent.glob("fold*")]:
         if folder.name[4:].isdigit() and int(folder.name[4:]) not in current:
             shutil.rmtree(folder)
             print(f"[{backbone}] removed {folder}: fold {folder.name[4:]} is not a fold of {layout.folds_file(cfg)}",
@@ -64,7 +88,9 @@ def train_backbone(cfg: Config, backbone: str) -> dict:
     remove_stale_folds(cfg, backbone, all_folds)
     print(f"[{backbone}] training {len(folds)} fold(s), {cfg.train.epochs} epochs, "
           f"{len(data.ids)} images, classes {data.heads.class_names}", file=sys.stderr)
-    results = cross_validate(cfg, backbone, data, layout.model_dir(cfg, backbone), folds)
+    results = cross_validate(cfg, backbone, data, layout.model_dir(cfg, backbone), folds,
+                             open_loggers=partial(open_fold_loggers, cfg, backbone))
+    write_fold_curves(cfg, backbone, results)
     proba = np.zeros((len(data.ids), len(data.heads.class_names)))
     covered = np.zeros(len(data.ids), dtype=bool)
     for result in results:
@@ -97,7 +123,10 @@ def train_backbone(cfg: Config, backbone: str) -> dict:
 def main(cfg: Config, backbone: str | None = None) -> dict:
     """Train ``backbone`` (the CLI's ``--backbone``), or every backbone of the config."""
     check_choices(cfg)
-    return {name: train_backbone(cfg, name) for name in ([backbone] if backbone else cfg.backbones)}
+    names = [backbone] if backbone else list(cfg.backbones)
+    for name in names:  # a logger set per backbone needs its package too
+        check_loggers(cfg.for_backbone(name))
+    return {name: train_backbone(cfg, name) for name in names}
 
 
 if __name__ == "__main__":

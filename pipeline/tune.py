@@ -4,8 +4,9 @@ Reads:  ``paths.cache`` (images), ``paths.folds``, and the study in ``tune.stora
         (default ``paths.tuning``/optuna.journal, one study per backbone, named after it).
 Writes: the trials into that storage, and ``paths.tuning``/<backbone>/ with
         best_params.yaml (the best trial's ``train.*`` values; train applies them when
-        ``train.use_tuned``), trials.csv (every trial: number, state, value, params, worker)
-        and PNG plots (history, importances, parallel, intermediate).
+        ``train.use_tuned``) and trials.csv (every trial: number, state, value, params, worker);
+        Optuna's PNG plots (history, importances, parallel, intermediate) in
+        ``paths.plots``/tuning/<backbone>/, where ``dvc plots show`` finds them.
 
 A trial is the config with the trial's ``tune.space`` values, trained by train's own
 ``cross_validate`` on ``tune.folds`` for ``tune.epochs`` epochs; its value is the mean of the
@@ -42,7 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
 from pipeline import cli, layout, metrics, provenance
-from pipeline.artifacts import save_figure, write_csv, write_text
+from pipeline.artifacts import atomic_dir, save_figure, write_csv, write_text
 from pipeline.builders import check_choices
 from pipeline.config import Config, Train
 from pipeline.errors import ConfigError, PipelineError
@@ -230,7 +231,8 @@ PLOTS = {  # file -> (Optuna's matplotlib plot, completed trials it needs)
 
 
 def save_plots(folder: Path, study: optuna.Study, backbone: str) -> list[str]:
-    """The PNGs Optuna can draw for this study; a plot it cannot draw is skipped with a note."""
+    """The PNGs Optuna can draw for this study, in ``folder`` (swapped in whole: no plot of an earlier run
+    outlives it); a plot it cannot draw is skipped with a note."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,21 +241,22 @@ def save_plots(folder: Path, study: optuna.Study, backbone: str) -> list[str]:
 
     completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     saved = []
-    for file_name, (function, needed) in PLOTS.items():
-        if completed < needed:
-            print(f"[{backbone}] {file_name} skipped: it needs {needed} completed trial(s), the study has {completed}",
-                  file=sys.stderr)
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = getattr(optuna_plots, function)(study)
-        except Exception as error:  # Optuna raises several types on a study it cannot draw
-            plt.close("all")
-            print(f"[{backbone}] {file_name} skipped: {type(error).__name__}: {error}", file=sys.stderr)
-            continue
-        save_figure(folder / file_name, np.ravel(axes)[0].figure)
-        saved.append(file_name)
+    with atomic_dir(folder) as temporary:
+        for file_name, (function, needed) in PLOTS.items():
+            if completed < needed:
+                print(f"[{backbone}] {file_name} skipped: it needs {needed} completed trial(s), the study has "
+                      f"{completed}", file=sys.stderr)
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    axes = getattr(optuna_plots, function)(study)
+            except Exception as error:  # Optuna raises several types on a study it cannot draw
+                plt.close("all")
+                print(f"[{backbone}] {file_name} skipped: {type(error).__name__}: {error}", file=sys.stderr)
+                continue
+            save_figure(temporary / file_name, np.ravel(axes)[0].figure)
+            saved.append(file_name)
     return saved
 
 
@@ -289,7 +292,7 @@ def write_outputs(cfg: Config, backbone: str, study: optuna.Study) -> dict:
     best, note = chosen_trial(cfg, study)
     best_params = layout.best_params_file(cfg, backbone)
     write_text(best_params, yaml.safe_dump(dict(best.params) if best else {}, sort_keys=False))
-    plots = save_plots(folder, study, backbone)
+    plots = save_plots(layout.tuning_plots_dir(cfg, backbone), study, backbone)
     summary = {"trials": len(states), **{state.name.lower(): states.count(state) for state in
                                          (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
                "best_value": best.value if best else None, "best_trial": best.number if best else None,
@@ -304,6 +307,8 @@ def write_outputs(cfg: Config, backbone: str, study: optuna.Study) -> dict:
 def write_untuned(cfg: Config, backbone: str) -> dict:
     """Tuning off: an empty best_params.yaml (DVC still gets its output; train uses its own values)."""
     write_text(layout.best_params_file(cfg, backbone), "{}\n")
+    with atomic_dir(layout.tuning_plots_dir(cfg, backbone)):
+        pass  # no study, no plots: an empty folder, DVC's declared output
     print(f"[{backbone}] tuning is off (tune.enabled false or tune.n_trials 0): empty best_params.yaml",
           file=sys.stderr)
     return {"trials": 0, "best_params": {}}

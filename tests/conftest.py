@@ -10,13 +10,15 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
+from pipeline.layout import overrides_under
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_config(work_dir: Path, *overrides: str):
-    """The smoke preset with its outputs in ``work_dir`` and any dotted overrides."""
-    return load_config(ROOT / "configs" / "smoke.yaml", [f"paths.work_dir={work_dir}", *overrides])
+    """The smoke preset with every output in ``work_dir`` (the top-level submissions and metrics folders too, so
+    no test writes into the repository) and any dotted overrides."""
+    return load_config(ROOT / "configs" / "smoke.yaml", [*overrides_under(work_dir), *overrides])
 
 
 @pytest.fixture

@@ -9,16 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import dump, load_config
+from pipeline.config import Paths, dump, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def copy_repository(target: Path) -> Path:
-    """The project's tracked files (its own .dvc included) in ``target``, committed."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    """The project's files as the working tree has them (tracked ones and new ones git does not ignore, its own
+    .dvc included) in ``target``, committed; not the team's record (the top-level submissions and metrics), so
+    that the copy's first run starts an empty leaderboard."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    record = [getattr(load_config(ROOT / "params.yaml").paths, name) for name in Paths.TOP_LEVEL]
     for name in files:
-        if (ROOT / name).is_file():
+        if (ROOT / name).is_file() and Path(name).parts[0] not in record:
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, target / name)
     smoke = load_config(ROOT / "configs" / "smoke.yaml", ["paths.work_dir=work", "tune.n_trials=1"])

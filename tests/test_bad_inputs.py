@@ -40,6 +40,9 @@ from PIL import Image
 
 from conftest import ROOT, make_config, make_csv_competition
 
+from pipeline.config import Paths
+from pipeline.layout import overrides_under
+
 SMOKE = ROOT / "configs" / "smoke.yaml"
 BACKBONE = "lcnet_050"
 # One thread: on a small shared CPU, two torch threads fighting another job's threads run 10x slower.
@@ -153,11 +156,12 @@ def built(tmp_path_factory) -> Path:
 
 def snapshot(folder: Path) -> dict:
     """Every file below ``folder`` with its size and modification time, and every leftover temporary
-    (``*.tmp``) folder; empty folders do not count."""
+    (``*.tmp``) folder; empty folders do not count, nor the run logs (a failed run's log is its record)."""
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*")) if p.is_file() or p.name.endswith(".tmp")}
+            for p in sorted(folder.rglob("*")) if (p.is_file() or p.name.endswith(".tmp"))
+            and p.relative_to(folder).parts[0] != Paths().logs}
 
 
 # ---------------------------------------------------------------- damage, one function per row
@@ -331,8 +335,8 @@ CASES = {
                                damage=delete("models")),
     "ensemble_before_infer": Case("ensemble", (), (f"preds/{BACKBONE}.parquet", "does not exist", "run infer"),
                                   artifacts=True, damage=delete(f"preds/{BACKBONE}.parquet")),
-    "submit_before_ensemble": Case("submit", (), ("ensemble/scores.json", "does not exist", "run the ensemble stage"),
-                                   artifacts=True, damage=delete("ensemble")),
+    "submit_before_ensemble": Case("submit", (), ("metrics/ensemble.json", "does not exist", "run the ensemble stage"),
+                                   artifacts=True, damage=delete("ensemble", "metrics/ensemble.json")),
     "cache_of_other_size": Case("infer", ("data.image_size=48",), ("[32, 32]", "[48, 48]", "run prepare"),
                                 artifacts=True),
     # --- checkpoints
@@ -386,7 +390,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(name, built, cli, tmp_path):
         case.damage(tmp_path, work)
     before = snapshot(work)
     fill = {"tmp": str(tmp_path)}
-    args = ["--config", case.config.format(**fill), f"paths.work_dir={work}", f"backbones=[{BACKBONE}]",
+    args = ["--config", case.config.format(**fill), *overrides_under(work), f"backbones=[{BACKBONE}]",
             *(a.format(**fill) for a in case.args)]
     result = cli(f"pipeline.{case.stage}", args, tmp_path)
     stderr = result.stderr
@@ -415,7 +419,7 @@ def mixed_images(comp: Path) -> None:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_mixed_modes_and_sizes_just_work(cli, tmp_path, channels):
     competition(mixed_images)(tmp_path, tmp_path / "work")
-    args = ["--config", str(SMOKE), f"paths.work_dir={tmp_path / 'work'}",
+    args = ["--config", str(SMOKE), *overrides_under(tmp_path / "work"),
             *(a.format(tmp=tmp_path) for a in FOLDER), f"data.channels={channels}"]
     result = cli("pipeline.prepare", args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -89,3 +89,35 @@ def test_backbones_list_or_mapping_with_own_train_overrides():
         load_config(None, ["backbones={lcnet_050: {lrr: 0.01}}"])
     with pytest.raises(ConfigError, match="backbones.lcnet_050.lr"):
         load_config(None, ["backbones={lcnet_050: {lr: -1}}"])
+
+
+def test_a_backbone_name_with_a_dot_gets_a_dvc_safe_key_and_keeps_its_timm_name():
+    # DVC reads `backbones.convnext_tiny.fb_in22k` as nested keys, so the per-backbone stages could not find it.
+    from pipeline.kfold import timm_name
+
+    config = load_config(None, ["backbones={convnext_tiny.fb_in22k: {lr: 0.001}, lcnet_050: {}}"])
+    assert config.backbones == {"convnext_tiny_fb_in22k": {"model": "convnext_tiny.fb_in22k", "lr": 0.001},
+                                "lcnet_050": {}}
+    assert timm_name(config.for_backbone("convnext_tiny_fb_in22k"), "convnext_tiny_fb_in22k") == \
+        "convnext_tiny.fb_in22k"
+    assert timm_name(config.for_backbone("lcnet_050"), "lcnet_050") == "lcnet_050"
+    # Written out and read back (params.yaml), the names stay put.
+    assert load_config(None, [f"backbones={dict(config.backbones)}"]).backbones == config.backbones
+
+
+def test_config_write_turns_a_preset_into_params_yaml(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "params.yaml"
+    result = subprocess.run([sys.executable, "-m", "pipeline.config", "--config", str(ROOT / "configs" / "gpu.yaml"),
+                             "--write", str(target), "train.epochs=2"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    written = load_config(target)
+    assert written.train.epochs == 2 and written.data.image_size == 256 and written.train.pretrained
+    assert list(written.backbones) == ["convnext_tiny_fb_in22k", "efficientnet_b2_ra_in1k", "resnet50_a1_in1k"]
+    assert yaml.safe_load(target.read_text()) == yaml.safe_load(dump(written))
+    bad = subprocess.run([sys.executable, "-m", "pipeline.config", "--config", str(ROOT / "configs" / "gpu.yaml"),
+                          "--write", str(target), "train.epochz=2"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "train.epochz" in bad.stderr and "Traceback" not in bad.stderr
+    assert load_config(target).train.epochs == 2  # a refused config leaves the file as it was

@@ -67,7 +67,7 @@ def test_ensemble_writes_every_output_and_beats_the_best_single(work):
     cfg, truth = work
     scores = ensemble.main(cfg)
     out = cfg.path("ensemble")
-    for name in ("oof.parquet", "test.parquet", "weights.json", "scores.json", "report.md", "report.csv",
+    for name in ("oof.parquet", "test.parquet", "weights.json", "report.md", "report.csv",
                  "correlation.png"):
         assert (out / name).exists(), name
 
@@ -82,7 +82,7 @@ def test_ensemble_writes_every_output_and_beats_the_best_single(work):
     assert scores["oof_score"] >= scores["best_single_score"]
     assert scores["oof_score"] == pytest.approx(metrics.score(cfg.metric, truth["labels"],
                                                               oof[CLASSES].to_numpy()))
-    assert json.loads((out / "scores.json").read_text()) == pytest.approx(scores)
+    assert json.loads((cfg.path("metrics") / "ensemble.json").read_text()) == pytest.approx(scores)
 
     report = pd.read_csv(out / "report.csv", keep_default_na=False)
     assert set(report.loc[report["kind"] == "method", "name"]) == set(cfg.ensemble.methods)

@@ -33,7 +33,9 @@ import pytest
 from conftest import ROOT, make_config
 from pipeline import builders, cli, folds, prepare, train
 from pipeline.artifacts import atomic_dir, atomic_path, write_text
+from pipeline.config import Paths
 from pipeline.errors import DataError, PipelineError
+from pipeline.layout import overrides_under
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 BACKBONE = "lcnet_050"
@@ -78,13 +80,15 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def file_state(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file below ``folder`` and its bytes, but the run logs (a failed run's log is its record)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).parts[0] != Paths().logs}
 
 
 def run_cli(stage_main, work: Path, *overrides: str, capsys) -> str:
     """The stage's command line in this process: returns stderr after asserting exit status 2."""
     with pytest.raises(SystemExit) as exit:
-        cli.run(stage_main, "test", ["--config", SMOKE, f"paths.work_dir={work}", f"backbones=[{BACKBONE}]",
+        cli.run(stage_main, "test", ["--config", SMOKE, *overrides_under(work), f"backbones=[{BACKBONE}]",
                                      *overrides])
     assert exit.value.code == 2
     return capsys.readouterr().err
@@ -94,7 +98,7 @@ def run_cli(stage_main, work: Path, *overrides: str, capsys) -> str:
 
 def start(stage: str, work: Path, log: Path, *overrides: str) -> subprocess.Popen:
     """``python -m pipeline.<stage>`` in its own process group (so the kill takes any worker with it)."""
-    return subprocess.Popen([sys.executable, "-m", f"pipeline.{stage}", "--config", SMOKE, f"paths.work_dir={work}",
+    return subprocess.Popen([sys.executable, "-m", f"pipeline.{stage}", "--config", SMOKE, *overrides_under(work),
                              *overrides], stdout=subprocess.DEVNULL, stderr=log.open("w"), env=ENV,
                             start_new_session=True)
 
@@ -115,7 +119,7 @@ def kill_when(process: subprocess.Popen, ready, log: Path, timeout: float = 120)
 
 
 def finish(stage: str, work: Path, *overrides: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--config", SMOKE, f"paths.work_dir={work}",
+    result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--config", SMOKE, *overrides_under(work),
                              *overrides], capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -415,7 +419,7 @@ def limit_file_size(size: int):
 ], ids=["folds", "prepare"])
 def test_a_real_write_failure_mid_file_fails_clearly(work, stage, overrides, target, expected):
     before = file_state(work)
-    result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--config", SMOKE, f"paths.work_dir={work}",
+    result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--config", SMOKE, *overrides_under(work),
                              f"backbones=[{BACKBONE}]", *overrides], capture_output=True, text=True, env=ENV,
                             preexec_fn=limit_file_size(2000), timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -51,7 +51,8 @@ def test_dvc_outs_are_the_layout_paths(stage):
     body = stage_body(stage)
     backbones = list(cfg.backbones) if stage in PER_BACKBONE else [None]
     for backbone in backbones:
-        declared = sorted(render(p, params, backbone) for p in entries(body.get("outs")) + entries(body.get("metrics")))
+        declared = sorted(render(p, params, backbone)
+                          for key in ("outs", "metrics", "plots") for p in entries(body.get(key)))
         expected = sorted(str(p) for p in layout.stage_outputs(cfg, stage, backbone))
         assert declared == expected, f"dvc.yaml's {stage} outs differ from layout.stage_outputs"
 
@@ -61,6 +62,18 @@ def test_dvc_code_deps_are_the_imported_modules(stage):
     declared = {Path(p).stem for p in entries(stage_body(stage)["deps"]) if p.startswith("pipeline/")}
     assert declared == set(imported_modules(stage)), (
         f"dvc.yaml's {stage} code deps should be exactly the modules pipeline/{stage}.py imports")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_data_deps_are_the_layout_inputs(stage):
+    """What a stage's --help says it reads is what dvc.yaml makes it depend on."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = load_config(ROOT / "params.yaml")
+    body = stage_body(stage)
+    for backbone in list(cfg.backbones) if stage in PER_BACKBONE else [None]:
+        declared = sorted(render(p, params, backbone) for p in entries(body["deps"]) if not p.startswith("pipeline/"))
+        expected = sorted(str(p) for p in layout.stage_inputs(cfg, stage, backbone))
+        assert declared == expected, f"dvc.yaml's {stage} data deps differ from layout.stage_inputs"
 
 
 def test_dvc_data_deps_are_outputs_of_earlier_stages():
@@ -78,6 +91,20 @@ def test_dvc_data_deps_are_outputs_of_earlier_stages():
                 assert any(path == out or path.startswith(out + "/") or out.startswith(path + "/")
                            for out in produced), (
                     f"{stage} depends on {path}, which no stage's layout outputs hold")
+
+
+def test_the_top_level_plots_are_the_eda_figures_and_templates_exist():
+    """The stages declare their own plots; the top level adds the EDA's figures folder only (never its Markdown
+    report or JSON summary, which DVC cannot draw), and each custom template a plot names is in .dvc/plots."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = load_config(ROOT / "params.yaml")
+    top_level = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    assert [render(p, params) for p in entries(top_level)] == [str(layout.eda_figures_dir(cfg))]
+    templates = {props.get("template") for stage in STAGES for item in stage_body(stage).get("plots") or []
+                 if isinstance(item, dict) for props in item.values() if props}
+    assert "fold_curves" in templates
+    for name in templates - {None}:
+        assert (ROOT / ".dvc" / "plots" / f"{name}.json").is_file(), f"plot template {name} is not in .dvc/plots"
 
 
 def test_the_check_fails_on_a_misspelt_out(monkeypatch):

@@ -15,10 +15,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import splits  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.layout import overrides_under  # noqa: E402
 
 
 def test_whole_test_scores_by_hand(tmp_path):
-    cfg = load_config(None, [f"paths.work_dir={tmp_path}"])
+    cfg = load_config(None, overrides_under(tmp_path))
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "meta.json").write_text(json.dumps({"id_col": "img", "target_col": "y", "class_names": ["a", "b"]}))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_config
 
-from pipeline import submit
+from pipeline import layout, provenance, submit
 from pipeline.artifacts import probability_table
 from pipeline.errors import ConfigError, DataError, PipelineError
 
@@ -46,8 +47,9 @@ def build_work(tmp_path, *overrides, classes=CLASSES, sample=None, proba=PROBA):
     out.mkdir(parents=True)
     order = [3, 0, 5, 1, 4, 2]
     probability_table(np.array(IDS)[order], proba[order], classes).to_parquet(out / "test.parquet", index=False)
-    (out / "scores.json").write_text(json.dumps({"method": "weighted", "metric": cfg.metric,
-                                                 "oof_score": 0.87654}))
+    scores = layout.ensemble_scores_file(cfg)
+    scores.parent.mkdir(parents=True, exist_ok=True)
+    scores.write_text(json.dumps({"method": "weighted", "metric": cfg.metric, "oof_score": 0.87654}))
     (out / "weights.json").write_text(json.dumps({"members": ["good", "noisy"]}))
     return cfg
 
@@ -134,7 +136,8 @@ def test_submit_writes_the_sample_shape_and_scores_like_kaggle(tmp_path, metric,
     assert read_text(result["file"]).equals(written)
 
     board = pd.read_csv(folder / "leaderboard.csv")
-    assert list(board.columns) == ["time", "file", "method", "members", "metric", "cv", "public", "private"]
+    assert list(board.columns) == ["time", "file", "method", "members", "metric", "cv", "public", "private",
+                                   "commit", "experiment", "config"]
     assert board.loc[0, ["method", "members", "metric"]].tolist() == ["weighted", "good+noisy", metric]
     assert board.loc[0, ["cv", "public", "private"]].tolist() == pytest.approx([0.87654, public, private])
     assert json.loads((cfg.path("metrics") / "submission.json").read_text()) == pytest.approx(
@@ -210,7 +213,82 @@ def test_upload_calls_the_kaggle_cli(tmp_path, monkeypatch):
     (bin_dir / "kaggle").chmod(0o755)
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
     monkeypatch.setenv("KAGGLE_KEY", "secret")
+    monkeypatch.setenv("DVC_EXP_NAME", "lusty-oars")
     cfg = build_work(tmp_path, "submit.upload=true", "submit.competition=some-comp", "submit.message=first try")
     result = submit.main(cfg)
+    row = read_text(cfg.path("submissions") / "leaderboard.csv").iloc[-1]
+    message = (f"first try | weighted cv 0.8765 | commit {row['commit'] or 'none'} | exp lusty-oars | "
+               f"config {row['config']}")
     assert calls.read_text().splitlines() == ["competitions", "submit", "-c", "some-comp", "-f", result["file"],
-                                              "-m", "first try"]
+                                              "-m", message]
+
+
+@pytest.mark.parametrize("commit, experiment, expected", [
+    ("a1b2c3d+dirty", "lusty-oars", "first try | weighted cv 0.8765 | commit a1b2c3d+dirty | exp lusty-oars | "
+                                    "config 0123456789ab"),
+    ("", "", "first try | weighted cv 0.8765 | commit none | config 0123456789ab"),  # no git, no DVC experiment
+])
+def test_the_upload_message_carries_the_provenance(commit, experiment, expected):
+    row = {"method": "weighted", "cv": 0.87654, "commit": commit, "experiment": experiment, "config": "0123456789ab"}
+    assert submit.upload_message("first try", row) == expected
+
+
+# ---------------------------------------------------------------- the top-level record and where it came from
+
+def git(repo, *args) -> str:
+    command = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "-c", "commit.gpgsign=false", *args]
+    return subprocess.run(command, cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_the_record_is_top_level_kept_and_traced_to_commit_experiment_and_config(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "code.py").write_text("print('v1')\n")
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "v1")
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("DVC_EXP_NAME", "lusty-oars")
+    # The repository's own top-level folders, relative to the current folder (where DVC runs stages).
+    cfg = build_work(tmp_path, "paths.submissions=submissions", "paths.metrics=metrics")
+    first = submit.main(cfg)
+    assert os.path.dirname(first["file"]) == "submissions" and (repo / first["file"]).exists()
+    assert (repo / "metrics" / "submission.json").exists() and not (tmp_path / "work" / "submissions").exists()
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "the record")  # from now on git tracks the leaderboard and metrics a run rewrites
+    recorded = git(repo, "rev-parse", "--short", "HEAD")
+    # What a dvc repro rewrites before submit runs (the ensemble's metrics, dvc.lock) is the record, not a change.
+    scores = layout.ensemble_scores_file(cfg)
+    scores.write_text(scores.read_text().replace("0.87654", "0.88"))
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    second = submit.main(cfg)  # still clean
+    (repo / "code.py").write_text("print('v2')\n")
+    third = submit.main(cfg)
+
+    board = read_text(repo / "submissions" / "leaderboard.csv")
+    first_commit = board.loc[0, "commit"]
+    assert re.fullmatch(r"[0-9a-f]{7,}", first_commit) and first_commit != recorded
+    assert board["commit"].tolist() == [first_commit, recorded, recorded + "+dirty"]
+    assert board["experiment"].tolist() == ["lusty-oars"] * 3
+    assert board["config"].tolist() == [provenance.config_digest(cfg)] * 3
+    kept = [first["file"], second["file"], third["file"]]
+    assert len(set(kept)) == 3 and all((repo / name).exists() for name in kept)  # no run deletes a kept file
+    assert board["file"].tolist() == [os.path.basename(name) for name in kept]
+
+
+def test_outside_git_the_commit_is_empty(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above tmp_path either
+    cfg = build_work(tmp_path)
+    submit.main(cfg)
+    board = read_text(cfg.path("submissions") / "leaderboard.csv")
+    assert board.loc[0, ["commit", "experiment"]].tolist() == ["", ""] and len(board.loc[0, "config"]) == 12
+
+
+def test_the_config_digest_follows_the_settings_not_the_folders(tmp_path):
+    digest = provenance.config_digest(make_config(tmp_path / "a"))
+    assert re.fullmatch(r"[0-9a-f]{12}", digest)
+    assert provenance.config_digest(make_config(tmp_path / "b")) == digest  # paths move outputs, change no result
+    assert provenance.config_digest(make_config(tmp_path / "a", "train.lr=0.001")) != digest

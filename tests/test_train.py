@@ -42,7 +42,9 @@ def test_smoke_training_writes_oof_covering_every_id_once(prepared):
         checkpoint = torch.load(cfg.path("models") / "lcnet_050" / f"fold{fold}" / "best.pt", weights_only=False)
         assert checkpoint["heads"]["class_names"] == classes and checkpoint["config"]["train"]["epochs"] == 1
     assert (cfg.path("plots") / "confusion_lcnet_050.png").stat().st_size > 0
-    assert (cfg.path("plots") / "train" / "lcnet_050" / "fold0" / "plots" / "metrics").is_dir()
+    assert (cfg.path("logs") / "dvclive" / "lcnet_050" / "fold0" / "plots" / "metrics").is_dir()  # train.loggers
+    assert sorted(p.name for p in (cfg.path("plots") / "curves" / "lcnet_050").iterdir()) == [
+        "lr.tsv", "macro_f1.tsv", "train_loss.tsv", "val_loss.tsv"]  # both folds in each, for dvc plots show
 
     # infer on the same checkpoints: its plain view is train's OOF, its merged view is what it writes (that each
     # view is the transformed image's prediction is tests/test_infer.py's, with a model that is not invariant).

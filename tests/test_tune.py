@@ -15,6 +15,7 @@ import time
 import warnings
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT, make_config
@@ -165,7 +166,8 @@ def test_study_writes_best_params_that_train_uses(work):
 
     trials = (folder / "trials.csv").read_text().splitlines()
     assert len(trials) == 1 + 2 and trials[0].startswith("number,state,value,params_")
-    assert "history.png" in result["plots"] and (folder / "history.png").stat().st_size > 0
+    plots = cfg.path("plots") / "tuning" / BACKBONE  # where dvc plots show finds them
+    assert "history.png" in result["plots"] and (plots / "history.png").stat().st_size > 0
     first = trials_of(cfg)[0]
     assert first.params == {name: getattr(cfg.train, name) for name in cfg.tune.space}  # the untuned config first
 
@@ -279,3 +281,33 @@ def test_dead_worker_trial_is_failed_and_the_study_goes_on(work, kind, request):
         time.sleep(2.5)  # past the grace period
     tune.main(config(work, f"dead_{kind}", *overrides, "tune.n_trials=1"))
     assert [t.state for t in trials_of(cfg)] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+@pytest.mark.slow
+def test_a_database_password_is_written_nowhere(tmp_path, postgres):
+    """tune (URL in an environment variable, and given literally), train and the config printout, on a real
+    PostgreSQL study: no file they write and no message they print holds the password."""
+    from pipeline.layout import overrides_under
+
+    password = "Pw-9f3kq2-never-written"
+    url = postgres("secrets").replace("tuner@", f"tuner:{password}@")  # the server trusts loopback: any password
+    work = tmp_path / "run"
+    base = [sys.executable, "-m"]
+    settings = ["--config", str(ROOT / "configs" / "smoke.yaml"), *overrides_under(work), *FAST, "train.folds=[0]"]
+    printed = ""
+    for command, storage, env in (
+            ("pipeline.prepare", None, {}), ("pipeline.folds", None, {}),
+            ("pipeline.tune", "env:OPTUNA_STORAGE", {"OPTUNA_STORAGE": url}),
+            ("pipeline.tune", url, {}), ("pipeline.train", url, {}), ("pipeline.config", url, {})):
+        extra = [f"tune.storage={storage}"] if storage else []
+        result = subprocess.run([*base, command, *settings, *extra], capture_output=True, text=True,
+                                env={**os.environ, **env}, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        printed += result.stdout + result.stderr
+    assert "tuner:***@" in printed and password not in printed
+    written = [path for path in work.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".pt" for path in written)  # checkpoints hold the config: masked there too
+    holding = [str(path) for path in written if password.encode() in path.read_bytes()]
+    assert holding == []
+    trials = pd.read_csv(work / "tuning" / BACKBONE / "trials.csv")
+    assert len(trials) >= 2  # both tune runs used the database's study

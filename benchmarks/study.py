@@ -1,0 +1,126 @@
+"""The study behind the defaults: each lever as one 5-fold CV of one backbone, with its wall time.
+
+    python benchmarks/study.py [--only NAME ...] [--list] [--work DIR] [--threads N]
+
+Every entry of ``LEVERS`` is a list of dotted overrides on top of ``params.yaml`` (tuning off, so the
+figure is the setting's own); each runs prepare, folds and train in its own work directory under
+``work/study/`` (prepare and folds take seconds and are shared by every entry with the same image
+settings). It records the CV macro-F1 (mean ± std of folds), the OOF accuracy, the rarest class's
+F1 and the wall time of train in ``benchmarks/study.json`` (entries already there are kept, so an
+interrupted study goes on where it stopped; ``--only`` re-runs some), then writes the table
+``docs/study_table.md`` and the plot ``docs/study.png`` (CV against wall time). Only the training
+folds' OOF predictions are scored; the hidden test is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import layout  # noqa: E402
+from pipeline.artifacts import save_figure, write_json  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "study.json"
+TABLE = ROOT / "docs" / "study_table.md"
+PLOT = ROOT / "docs" / "study.png"
+BASE = ["train.use_tuned=false", "backbones=[lcnet_050]", "train.lr=0.006"]
+
+# name -> (what it changes, overrides). The first is the reference the others change one thing of.
+LEVERS: dict[str, tuple[str, list[str]]] = {
+    "reference": ("lcnet_050, 96 px, 15 epochs, lr 6e-3, flips", []),
+    "epochs30": ("30 epochs", ["train.epochs=30"]),
+    "lcnet_100": ("lcnet_100 (twice the width)", ["backbones=[lcnet_100]"]),
+    "size128": ("128 px", ["data.image_size=128"]),
+    "aux_type": ("cell type as an auxiliary head", ["data.aux_cols=[type]"]),
+    "light_aug": ("flips + small shifts, brightness/contrast", ["train.augment=light"]),
+    "mnv3_small_100": ("mobilenetv3_small_100", ["backbones=[mobilenetv3_small_100]", "train.lr=0.003"]),
+    "focal": ("focal loss", ["train.loss=focal"]),
+    "ema": ("EMA of the weights", ["train.ema=true"]),
+    "resnet10t": ("resnet10t", ["backbones=[resnet10t]", "train.lr=0.003"]),
+    "size160": ("160 px", ["data.image_size=160"]),
+    "onecycle": ("one-cycle schedule", ["train.scheduler=onecycle"]),
+    "mixup": ("mixup 0.2", ["train.mixup=0.2"]),
+    "lr12": ("lr 1.2e-2", ["train.lr=0.012"]),
+    "ghostnet_050": ("ghostnet_050", ["backbones=[ghostnet_050]"]),
+}
+
+
+def run_lever(name: str, overrides: list[str], work: Path, threads: int) -> dict:
+    """prepare + folds + train of one entry in its own work dir; its CV figures and train's wall time."""
+    settings = [*BASE, *overrides, *layout.overrides_under(work / name)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    seconds = {}
+    for stage in ("prepare", "folds", "train"):
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *settings], cwd=ROOT, env=env,
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{name}: {stage} failed:\n{result.stderr[-3000:]}")
+        seconds[stage] = time.perf_counter() - started
+    cfg = load_config(ROOT / "params.yaml", settings)
+    metrics = json.loads(layout.train_metrics_file(cfg, next(iter(cfg.backbones))).read_text())
+    per_class = metrics["oof"].get("per_class_f1", {})
+    return {"changes": LEVERS[name][0], "overrides": overrides, "cv": round(metrics["cv"], 4),
+            "cv_std": round(metrics["cv_std"], 4), "accuracy": round(metrics["oof"]["accuracy"], 4),
+            "rarest_f1": round(min(per_class.values()), 4) if per_class else None,
+            "best_epochs": [fold["best_epoch"] for fold in metrics["folds"]],
+            "train_s": round(seconds["train"]), "threads": threads}
+
+
+def table(results: dict) -> str:
+    lines = ["| lever | CV macro-F1 (mean ± std of folds) | OOF accuracy | rarest class F1 | train wall time |",
+             "|---|---|---|---|---|"]
+    for r in results.values():
+        lines.append(f"| {r['changes']} | {r['cv']:.4f} ± {r['cv_std']:.4f} | {r['accuracy']:.4f} | "
+                     f"{r['rarest_f1']} | {r['train_s']} s |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        axes.errorbar(r["train_s"], r["cv"], yerr=r["cv_std"], fmt="o", capsize=3)
+        axes.annotate(name, (r["train_s"], r["cv"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.set_xlabel("train wall time, 5 folds (s, 2-core CPU)")
+    axes.set_ylabel("CV macro-F1 (mean ± std of folds)")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="run these entries (again); default: those not yet measured")
+    parser.add_argument("--list", action="store_true", help="list the entries and exit")
+    parser.add_argument("--work", type=Path, default=ROOT / "work" / "study")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.list:
+        for name, (changes, overrides) in LEVERS.items():
+            print(f"{name:16} {changes}: {' '.join(overrides)}")
+        return
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    names = args.only or [name for name in LEVERS if name not in results]
+    for name in names:
+        print(f"study: {name} ({LEVERS[name][0]}) ...", file=sys.stderr, flush=True)
+        results[name] = run_lever(name, LEVERS[name][1], args.work, args.threads)
+        print(f"study: {name}: {results[name]}", file=sys.stderr, flush=True)
+        write_json(RESULTS, results)
+    ordered = {name: results[name] for name in LEVERS if name in results}
+    TABLE.write_text(table(ordered))
+    save_figure(PLOT, plot(ordered))
+
+
+if __name__ == "__main__":
+    main()
