@@ -87,8 +87,9 @@ def one_run(name: str, config: str, overrides: list[str], out: Path) -> dict:
     seconds = run_chain(config, overrides, log)
     scores = json.loads(layout.submission_metrics_file(cfg).read_text())
     test = whole_test_scores(cfg)
+    method = json.loads((layout.ensemble_dir(cfg) / layout.ENSEMBLE_WEIGHTS).read_text())["method"]
     row = {"run": name, "cv": scores["cv"], "public": scores["public"], "private": scores["private"],
-           **test, "gap": scores["cv"] - test[f"test_{cfg.metric}"], "method": scores["method"],
+           **test, "gap": scores["cv"] - test[f"test_{cfg.metric}"], "method": method,
            "minutes": round(seconds / 60, 2), "log": str(log)}
     print(f"splits: {name}: CV {row['cv']:.4f} | Public {row['public']:.4f} | Private {row['private']:.4f} | "
           f"whole test acc {row['test_accuracy']:.4f} macro-F1 {row['test_macro_f1']:.4f} | gap {row['gap']:+.4f} "

@@ -5,7 +5,7 @@
 Every entry of ``LEVERS`` is a list of dotted overrides on top of ``params.yaml`` (tuning off, so the
 figure is the setting's own); each runs prepare, folds and train in its own work directory under
 ``work/study/`` (prepare and folds take seconds and are shared by every entry with the same image
-settings). It records the CV macro-F1 (mean ± std of folds), the OOF accuracy, the rarest class's
+settings). It records the CV macro-F1 (mean ± std of folds), the OOF accuracy, the lowest class
 F1 and the wall time of train in ``benchmarks/study.json`` (entries already there are kept, so an
 interrupted study goes on where it stopped; ``--only`` re-runs some), then writes the table
 ``docs/study_table.md`` and the plot ``docs/study.png`` (CV against wall time). Only the training
@@ -68,20 +68,21 @@ def run_lever(name: str, overrides: list[str], work: Path, threads: int) -> dict
         seconds[stage] = time.perf_counter() - started
     cfg = load_config(ROOT / "params.yaml", settings)
     metrics = json.loads(layout.train_metrics_file(cfg, next(iter(cfg.backbones))).read_text())
-    per_class = metrics["oof"].get("per_class_f1", {})
+    metrics = {key.removeprefix(f"{next(iter(cfg.backbones))}_"): value for key, value in metrics.items()}
+    per_class = [value for key, value in metrics.items() if key.startswith("oof_f1_")]
     return {"changes": LEVERS[name][0], "overrides": overrides, "cv": round(metrics["cv"], 4),
-            "cv_std": round(metrics["cv_std"], 4), "accuracy": round(metrics["oof"]["accuracy"], 4),
-            "rarest_f1": round(min(per_class.values()), 4) if per_class else None,
-            "best_epochs": [fold["best_epoch"] for fold in metrics["folds"]],
+            "cv_std": round(metrics["cv_std"], 4), "accuracy": round(metrics["oof_accuracy"], 4),
+            "lowest_class_f1": round(min(per_class), 4),
+            "best_epochs": [int(value) for key, value in metrics.items() if key.endswith("_best_epoch")],
             "train_s": round(seconds["train"]), "threads": threads}
 
 
 def table(results: dict) -> str:
-    lines = ["| lever | CV macro-F1 (mean ± std of folds) | OOF accuracy | rarest class F1 | train wall time |",
+    lines = ["| lever | CV macro-F1 (mean ± std of folds) | OOF accuracy | lowest class F1 | train wall time |",
              "|---|---|---|---|---|"]
     for r in results.values():
         lines.append(f"| {r['changes']} | {r['cv']:.4f} ± {r['cv_std']:.4f} | {r['accuracy']:.4f} | "
-                     f"{r['rarest_f1']} | {r['train_s']} s |")
+                     f"{r['lowest_class_f1']} | {r['train_s']} s |")
     return "\n".join(lines) + "\n"
 
 

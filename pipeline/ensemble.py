@@ -306,13 +306,13 @@ def write_outputs(cfg: Config, members: Members, choice: Choice, table: pd.DataF
     write_parquet(out / layout.ENSEMBLE_OOF, probability_table(members.ids, choice.oof, class_names, members.folds))
     write_parquet(out / layout.ENSEMBLE_TEST, probability_table(members.test_ids, choice.test, class_names))
     write_json(out / layout.ENSEMBLE_WEIGHTS, {
-        "method": choice.method, "base_method": choice.base_method,
+        "method": choice.method, "base_method": choice.base_method, "best_single": scores["best_single"],
         "selection": "auto" if cfg.ensemble.method == "auto" else "fixed", "metric": cfg.metric,
         "members": members.names,
         "weights": None if choice.weights is None else dict(zip(members.names, choice.weights)),
         "class_offsets": None if choice.offsets is None else dict(zip(class_names, choice.offsets.tolist())),
         "oof_sources": members.sources})
-    write_json(layout.ensemble_scores_file(cfg), scores)
+    write_json(layout.ensemble_scores_file(cfg), metrics.numbers_only(scores))
     write_csv(out / layout.ENSEMBLE_TABLE, table)
     save_figure(out / layout.ENSEMBLE_CORRELATION, correlation_figure(members))
     write_text(out / layout.ENSEMBLE_REPORT, report_markdown(table, scores, members, cfg, choice.offsets_note))

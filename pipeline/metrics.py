@@ -168,3 +168,25 @@ def summary(y_true, proba, class_names: list) -> dict:
         "log_loss": log_loss(y_true, proba),
         "per_class_f1": {str(name): float(value) for name, value in zip(class_names, per_class, strict=True)},
     }
+
+
+def numbers_only(values: dict) -> dict:
+    """The items of a flat ``values`` that are numbers (not bools, not NaN): what a DVC metrics file holds, so
+    that ``dvc exp show`` and ``dvc metrics diff`` can compare every column."""
+    return {key: float(value) for key, value in values.items()
+            if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)}
+
+
+def train_record(report: dict) -> dict:
+    """train's report -> its flat metrics file: CV mean and spread, OOF figures, each class's OOF F1, and each
+    fold's score and best epoch, every key prefixed by the backbone (``lcnet_050_cv``, ``lcnet_050_fold0_best_epoch``),
+    so that ``dvc exp show`` names each column by its key alone, not by its file and key."""
+    metric, oof = report["metric"], report["oof"]
+    record = {"cv": report["cv"], "cv_std": report["cv_std"],
+              **{f"oof_{name}": oof[name] for name in dict.fromkeys(("accuracy", "macro_f1", "log_loss", metric))},
+              **{f"oof_f1_{name}": value for name, value in oof["per_class_f1"].items()}}
+    for fold in report["folds"]:
+        record |= {f"fold{fold['fold']}_{metric}": fold[metric], f"fold{fold['fold']}_best_epoch": fold["best_epoch"]}
+    record |= {"refit_epochs": report["refit_epochs"]} if "refit_epochs" in report else {}
+    return {f"{report['backbone']}_{key}": value for key, value in numbers_only(record).items()}
+

@@ -257,11 +257,12 @@ def main(cfg: Config) -> dict:
     value_columns(sample, class_names, kind, target_col)
     ensemble = layout.ensemble_dir(cfg)
     ensemble_scores = read_json(layout.ensemble_scores_file(cfg), "ensemble scores", "the ensemble stage")
-    members = read_json(ensemble / layout.ENSEMBLE_WEIGHTS, "ensemble weights", "the ensemble stage")["members"]
-    if ensemble_scores["metric"] != metric:
-        raise DataError(f"the ensemble was scored with {ensemble_scores['metric']} but the config's metric is "
+    weights = read_json(ensemble / layout.ENSEMBLE_WEIGHTS, "ensemble weights", "the ensemble stage")
+    members = weights["members"]
+    if weights.get("metric") != metric:
+        raise DataError(f"the ensemble was scored with {weights.get('metric')} but the config's metric is "
                         f"{metric}: re-run ensemble")
-    method, cv = ensemble_scores["method"], float(ensemble_scores["oof_score"])
+    method, cv = weights["method"], float(ensemble_scores["oof_score"])
 
     proba = read_ensemble_test(cfg, cache, sample[id_col].tolist(), sample_path)
     submission = build_submission(sample, proba, class_names, kind, target_col)
@@ -279,7 +280,7 @@ def main(cfg: Config) -> dict:
            "metric": metric, "cv": cv, **scores, **provenance.run_provenance(cfg, record_paths(cfg))}
     board = append_leaderboard(layout.leaderboard_file(cfg), row)
     result = {"cv": cv, **scores, "method": method, "metric": metric}
-    write_json(layout.submission_metrics_file(cfg), result)
+    write_json(layout.submission_metrics_file(cfg), metrics.numbers_only(result))
 
     def shown(value):
         return "n/a (no solution.csv)" if value is None else f"{value:.4f}"

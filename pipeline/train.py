@@ -111,7 +111,7 @@ def train_backbone(cfg: Config, backbone: str) -> dict:
     if cfg.train.refit:
         report["refit_epochs"] = refit_epochs(results)
         train_refit(cfg, backbone, data, report["refit_epochs"])
-    write_json(layout.train_metrics_file(cfg, backbone), report)
+    write_json(layout.train_metrics_file(cfg, backbone), metrics.train_record(report))
     save_figure(layout.confusion_file(cfg, backbone),
                 confusion_figure(y_true, proba.argmax(1), data.heads.class_names,
                                  f"{backbone} OOF ({cfg.metric} {report['cv']:.3f})"))

@@ -144,3 +144,19 @@ def test_summary_rejects_wrong_number_of_class_names():
 
 def test_predict_labels_is_argmax():
     np.testing.assert_array_equal(metrics.predict_labels(PROBA), [0, 1, 1, 1, 2, 0])
+
+
+def test_numbers_only_keeps_finite_numbers():
+    values = {"a": 1, "b": 0.5, "c": np.float32(0.25), "name": "x", "flag": True, "gone": float("nan"),
+              "none": None, "nested": {"d": 1}}
+    assert metrics.numbers_only(values) == {"a": 1.0, "b": 0.5, "c": 0.25}
+
+
+def test_train_record_is_flat_numbers():
+    report = {"backbone": "b", "metric": "macro_f1", "cv": 0.5, "cv_std": 0.1,
+              "oof": {"accuracy": 0.7, "macro_f1": 0.45, "log_loss": 0.9, "per_class_f1": {"p000": 0.8, "p100": 0.1}},
+              "folds": [{"fold": 0, "macro_f1": 0.4, "best_epoch": 3}, {"fold": 1, "macro_f1": 0.6, "best_epoch": 5}]}
+    assert metrics.train_record(report) == {f"b_{key}": value for key, value in {
+        "cv": 0.5, "cv_std": 0.1, "oof_accuracy": 0.7, "oof_macro_f1": 0.45, "oof_log_loss": 0.9,
+        "oof_f1_p000": 0.8, "oof_f1_p100": 0.1, "fold0_macro_f1": 0.4, "fold0_best_epoch": 3.0,
+        "fold1_macro_f1": 0.6, "fold1_best_epoch": 5.0}.items()}

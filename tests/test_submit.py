@@ -49,8 +49,9 @@ def build_work(tmp_path, *overrides, classes=CLASSES, sample=None, proba=PROBA):
     probability_table(np.array(IDS)[order], proba[order], classes).to_parquet(out / "test.parquet", index=False)
     scores = layout.ensemble_scores_file(cfg)
     scores.parent.mkdir(parents=True, exist_ok=True)
-    scores.write_text(json.dumps({"method": "weighted", "metric": cfg.metric, "oof_score": 0.87654}))
-    (out / "weights.json").write_text(json.dumps({"members": ["good", "noisy"]}))
+    scores.write_text(json.dumps({"oof_score": 0.87654}))
+    (out / "weights.json").write_text(json.dumps({"members": ["good", "noisy"], "method": "weighted",
+                                                  "metric": cfg.metric}))
     return cfg
 
 
@@ -140,8 +141,9 @@ def test_submit_writes_the_sample_shape_and_scores_like_kaggle(tmp_path, metric,
                                    "commit", "experiment", "config"]
     assert board.loc[0, ["method", "members", "metric"]].tolist() == ["weighted", "good+noisy", metric]
     assert board.loc[0, ["cv", "public", "private"]].tolist() == pytest.approx([0.87654, public, private])
+    # A DVC metrics file: flat numbers only (method and metric are in the leaderboard row).
     assert json.loads((cfg.path("metrics") / "submission.json").read_text()) == pytest.approx(
-        {"cv": 0.87654, "public": public, "private": private, "method": "weighted", "metric": metric})
+        {"cv": 0.87654, "public": public, "private": private})
 
     second = submit.main(cfg)
     board = pd.read_csv(folder / "leaderboard.csv")
