@@ -139,6 +139,12 @@ def make_eval_loader(cfg: Config, images: np.ndarray, indices: np.ndarray, devic
     return DataLoader(ImageDataset(images, indices), batch_size=batch_size, shuffle=False, **settings)
 
 
+def timm_name(cfg: Config, backbone: str) -> str:
+    """The timm model a backbone key stands for: its ``model`` override (on a config with the backbone's overrides
+    applied, or on the whole config), else the key itself."""
+    return cfg.train.model or (cfg.backbones.get(backbone) or {}).get("model") or backbone
+
+
 def check_choices(cfg: Config) -> None:
     """Fail before any work on a name that no table knows, listing the valid ones."""
     from pipeline.augment import PRESETS
@@ -152,7 +158,7 @@ def check_choices(cfg: Config) -> None:
                 if value not in valid]
     for name in cfg.backbones:
         try:
-            check_backbone(name)
+            check_backbone(timm_name(cfg, name))
         except ConfigError as error:
             problems.append(str(error))
     if problems:  # all of them at once, not one per run

@@ -84,15 +84,19 @@ def build_elpv(cfg: Config) -> Path:
     labels["id"] = labels["path"].map(lambda p: Path(p).stem)
     labels["defect"] = labels["probability"].map(lambda p: min(ELPV_CLASSES.items(), key=lambda kv: abs(kv[0] - p))[1])
     strata = labels["defect"] + "_" + labels["type"]
-    if cfg.data.elpv_size and cfg.data.elpv_size < len(labels):
-        labels, _ = train_test_split(labels, train_size=cfg.data.elpv_size, stratify=strata,
-                                     random_state=cfg.data.elpv_seed)
-        strata = labels["defect"] + "_" + labels["type"]
-    train, test = train_test_split(labels, test_size=cfg.data.elpv_test_fraction, stratify=strata,
-                                   random_state=cfg.data.elpv_seed)
-    test = test.sort_values("id")
-    usage_strata = test["defect"]
-    public, _ = train_test_split(test, test_size=0.5, stratify=usage_strata, random_state=cfg.data.elpv_seed)
+    try:
+        if cfg.data.elpv_size and cfg.data.elpv_size < len(labels):
+            labels, _ = train_test_split(labels, train_size=cfg.data.elpv_size, stratify=strata,
+                                         random_state=cfg.data.elpv_seed)
+            strata = labels["defect"] + "_" + labels["type"]
+        train, test = train_test_split(labels, test_size=cfg.data.elpv_test_fraction, stratify=strata,
+                                       random_state=cfg.data.elpv_seed)
+        test = test.sort_values("id")
+        public, _ = train_test_split(test, test_size=0.5, stratify=test["defect"], random_state=cfg.data.elpv_seed)
+    except ValueError as error:  # a stratum too small to split: too few images for the classes
+        raise DataError(f"data.elpv_size {cfg.data.elpv_size} with data.elpv_test_fraction "
+                        f"{cfg.data.elpv_test_fraction} leaves a class too few images to split into train, Public "
+                        f"and Private test ({error}); use a larger data.elpv_size (240 or more)") from None
     with atomic_dir(target) as folder:
         for split, frame in (("train", train), ("test", test)):
             (folder / split).mkdir()

@@ -170,15 +170,10 @@ class FoldResult:
     history: list[dict]
 
 
-def timm_name(cfg: Config, backbone: str) -> str:
-    """The timm model a backbone key stands for (its `model` override, else the key itself)."""
-    return cfg.train.model or backbone
-
-
 def build_fold(cfg: Config, backbone: str, data: TrainingData, train_indices: np.ndarray, epochs: int,
                device: torch.device, amp) -> FoldBuild:
     """Model (seeded by the caller), loss, optimizer, scheduler, AMP scaler, EMA and mixup of one fold."""
-    model = create_model(timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean, data.std,
+    model = create_model(builders.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean, data.std,
                          cfg.train.pretrained, cfg.train.pretrained_file, cfg.train.drop_rate,
                          cfg.train.drop_path_rate).to(device)
     if cfg.runtime.channels_last:
@@ -328,7 +323,7 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
         print(f"{label} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} val_loss {record['val_loss']:.4f} "
               f"{cfg.metric} {record[cfg.metric]:.4f}{' *' if improved else ''} ({record['seconds']}s)",
               file=sys.stderr)
-        payload = {"model": build.evaluated.state_dict(), "backbone": timm_name(cfg, backbone),
+        payload = {"model": build.evaluated.state_dict(), "backbone": builders.timm_name(cfg, backbone),
                    "heads": data.heads.to_dict(),
                    "in_chans": cfg.data.channels, "mean": data.mean, "std": data.std,
                    "config": provenance.public_config(cfg), "epoch": epoch, "score": record[cfg.metric],

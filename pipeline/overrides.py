@@ -23,6 +23,18 @@ from pipeline.artifacts import atomic_path
 from pipeline.errors import ConfigError
 
 
+class YamlLoader(yaml.SafeLoader):
+    """YAML as in version 1.2: only true/false are booleans, so `runtime.amp: off` is the string 'off' (PyYAML
+    follows YAML 1.1, where on/off/yes/no are booleans too, and `off` would fail as "got False")."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["train.lr=1e-3", "backbones=[a,b]"]`` -> a nested dict, values parsed as YAML."""
     nested: dict = {}
@@ -31,7 +43,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yaml.load(raw, Loader=YamlLoader) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -88,7 +100,7 @@ def load_model(model: type[BaseModel], path: str | Path | None, overrides: list[
     if path is not None:
         source = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.load(Path(path).read_text(), Loader=YamlLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as error:

@@ -18,8 +18,8 @@ from pipeline import layout, provenance
 from pipeline.artifacts import write_json
 from pipeline.config import Config
 from pipeline.engine import autocast_dtype, resolve_device, seed_everything
-from pipeline.kfold import (FoldResult, FoldStore, TrainingData, build_fold, run_epoch, settings_key,
-                            timm_name)
+from pipeline.builders import timm_name
+from pipeline.kfold import FoldResult, FoldStore, TrainingData, build_fold, run_epoch, settings_key
 
 REFIT_FOLD = -1  # the fold number its seeds and settings key use
 

@@ -290,6 +290,7 @@ CASES = {
     "image_size_0": Case("prepare", ("data.image_size=0",), ("'data.image_size'", "positive")),
     "negative_lr": Case("train", ("train.lr=-0.001",), ("'train.lr'", "greater than 0")),
     "n_splits_1": Case("folds", ("folds.n_splits=1",), ("'folds.n_splits'", "greater than or equal to 2")),
+    "elpv_size_too_small": Case("prepare", ("data.elpv_size=60",), ("data.elpv_size 60", "too few images")),
     "missing_config_file": Case("folds", (), ("{tmp}/nope.yaml", "does not exist"), config="{tmp}/nope.yaml"),
     "config_not_yaml": Case("folds", (), ("bad.yaml", "not valid YAML"), damage=write("bad.yaml", "train: [lr: 1\n"),
                             config="{tmp}/bad.yaml"),

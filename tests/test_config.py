@@ -93,7 +93,7 @@ def test_backbones_list_or_mapping_with_own_train_overrides():
 
 def test_a_backbone_name_with_a_dot_gets_a_dvc_safe_key_and_keeps_its_timm_name():
     # DVC reads `backbones.convnext_tiny.fb_in22k` as nested keys, so the per-backbone stages could not find it.
-    from pipeline.kfold import timm_name
+    from pipeline.builders import timm_name
 
     config = load_config(None, ["backbones={convnext_tiny.fb_in22k: {lr: 0.001}, lcnet_050: {}}"])
     assert config.backbones == {"convnext_tiny_fb_in22k": {"model": "convnext_tiny.fb_in22k", "lr": 0.001},
@@ -101,6 +101,7 @@ def test_a_backbone_name_with_a_dot_gets_a_dvc_safe_key_and_keeps_its_timm_name(
     assert timm_name(config.for_backbone("convnext_tiny_fb_in22k"), "convnext_tiny_fb_in22k") == \
         "convnext_tiny.fb_in22k"
     assert timm_name(config.for_backbone("lcnet_050"), "lcnet_050") == "lcnet_050"
+    assert timm_name(config, "convnext_tiny_fb_in22k") == "convnext_tiny.fb_in22k"  # the whole config knows it too
     # Written out and read back (params.yaml), the names stay put.
     assert load_config(None, [f"backbones={dict(config.backbones)}"]).backbones == config.backbones
 
@@ -121,3 +122,12 @@ def test_config_write_turns_a_preset_into_params_yaml(tmp_path):
                           "--write", str(target), "train.epochz=2"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "train.epochz" in bad.stderr and "Traceback" not in bad.stderr
     assert load_config(target).train.epochs == 2  # a refused config leaves the file as it was
+
+
+def test_off_and_on_are_words_not_booleans(tmp_path):
+    # PyYAML's YAML 1.1 reads `off` as False, which `runtime.amp` refused as "got False".
+    assert load_config(None, ["runtime.amp=off"]).runtime.amp == "off"
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("runtime:\n  amp: off\ntrain:\n  ema: true\n")
+    config = load_config(preset)
+    assert config.runtime.amp == "off" and config.train.ema is True

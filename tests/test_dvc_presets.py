@@ -1,6 +1,6 @@
 """A preset runs through DVC: `python -m pipeline.config --config PRESET --write params.yaml`, then `dvc repro`.
 
-The GPU preset, shrunk to seconds on the CPU (tiny images, a hundred images, one epoch, no pretrained weights,
+The GPU preset, shrunk to seconds on the CPU (tiny images, 240 images, one epoch, no pretrained weights,
 no AMP), runs the whole chain this way on every CI run, so its backbones (names with a pretrained tag's dot),
 EMA, mixup/cutmix, channels_last, the heavy augmentation and its TTA views cannot rot unseen."""
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 # What makes configs/gpu.yaml a CPU smoke run; everything else (backbones, EMA, mixup, cutmix, augment, TTA,
 # channels_last, the search space) stays the preset's.
-SHRINK = ["paths.work_dir=work", "data.image_size=32", "data.elpv_size=100", "data.workers=1", "folds.n_splits=2",
+SHRINK = ["paths.work_dir=work", "data.image_size=32", "data.elpv_size=240", "data.workers=1", "folds.n_splits=2",
           "train.epochs=1", "train.batch_size=16", "train.pretrained=false", "train.freeze_epochs=0",
           "tune.n_trials=1", "tune.epochs=1", "runtime.amp=off", "runtime.compile=false",
           "runtime.eval_batch_size=32"]

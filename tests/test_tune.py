@@ -267,8 +267,11 @@ def test_dead_worker_trial_is_failed_and_the_study_goes_on(work, kind, request):
     # heartbeat, stale after 2 x tune.heartbeat seconds, failed by the next worker's next trial.
     overrides = [f"tune.storage={request.getfixturevalue('postgres')('dead')}", "tune.heartbeat=1"] \
         if kind == "postgres" else []
+    # Long enough trials (a few seconds) to catch one running; the epochs are part of the study's name, so the
+    # worker, the check and the next run all use the same.
+    overrides = [*overrides, "tune.epochs=30"]
     cfg = config(work, f"dead_{kind}", *overrides)
-    worker = start_worker(work, f"dead_{kind}", *overrides, "tune.epochs=1000")
+    worker = start_worker(work, f"dead_{kind}", *overrides)
     try:
         deadline = time.monotonic() + 120
         while not any(t.state == TrialState.RUNNING and "worker" in t.user_attrs for t in running_trials(cfg)):
