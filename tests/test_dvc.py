@@ -88,6 +88,8 @@ def test_fewer_folds_leave_no_stale_fold_behind(repo):
     def set_splits(count):
         params = yaml.safe_load((repo / "params.yaml").read_text())
         params["folds"]["n_splits"] = count
+        # One backbone, no search: what this test is about (the folds) costs half the time.
+        params["backbones"], params["tune"]["enabled"] = {"lcnet_050": params["backbones"]["lcnet_050"]}, False
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     set_splits(3)
@@ -111,6 +113,8 @@ def test_a_changed_or_removed_image_of_a_folder_competition_re_runs_what_follows
     repo = copy_repository(tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update({"source": "folder", "dir": str(competition)})
+    # One backbone, no search: what this test is about (prepare noticing the images) costs half the time.
+    params["backbones"], params["tune"]["enabled"] = {"lcnet_050": params["backbones"]["lcnet_050"]}, False
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["dvc", "repro"], repo)
     image = sorted((competition / "train").glob("*.png"))[0]
