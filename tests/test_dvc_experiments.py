@@ -70,36 +70,6 @@ def test_every_readme_dvc_command_is_run_by_a_test():
     assert [c for c in readme_commands() if not c.startswith(here) and c not in ELSEWHERE] == []
 
 
-def test_two_experiments_compare_in_every_dvc_command(repo):
-    # The README's commands, as written: an experiment, the table, the diffs.
-    run(["bash", "-c", readme_command("dvc exp run -n")], repo)
-    shown = json.loads(run(["dvc", "exp", "show", "--no-pager", "--json"], repo))
-    cfg = load_config(repo / "params.yaml")
-    for name in ("base", "lr-1e-2"):
-        files = experiment_metrics(shown, name)
-        expected = {str(layout.train_metrics_file(cfg, b)) for b in cfg.backbones} | {
-            str(layout.ensemble_scores_file(cfg)), str(layout.submission_metrics_file(cfg))}
-        assert set(files) == expected
-        values = [value for data in files.values() for value in data.values()]
-        assert values and all(isinstance(value, float) for value in values)  # flat numbers: no "!" in any column
-        assert {"cv", "public", "private"} <= set(files[str(layout.submission_metrics_file(cfg))])
-    assert experiment_metrics(shown, "base") != experiment_metrics(shown, "lr-1e-2")
-
-    table = run(["bash", "-c", readme_command("dvc exp show") + " --no-pager"], repo, COLUMNS="300")
-    header = table.splitlines()[1].split()  # a wide terminal: the table's own width shows
-    assert header == ["Experiment", *(f"{b}_cv" for b in cfg.backbones), "cv", "public", "private", "train.lr"]
-    assert "base" in table and "lr-1e-2" in table and max(len(line) for line in table.splitlines()) <= 120, table
-
-    run(["dvc", "exp", "apply", "base"], repo)  # the workspace differs from the experiment the diffs name
-    diffs = run(["bash", "-c", readme_command("dvc exp diff")], repo)
-    assert "train.lr" in diffs and "cv" in diffs and "WARNING" not in diffs and "ERROR" not in diffs
-    diff = json.loads(run(["dvc", "plots", "diff", "base", "lr-1e-2", "--json"], repo))
-    assert "errors" not in diff, diff.get("errors")  # each experiment's plots come from DVC's cache
-
-    alone = run(["bash", "-c", readme_command("python -m pipeline train")], repo)  # one stage, outside DVC
-    assert "[lcnet_050] fold 1 epoch 3/3" in alone
-
-
 def test_dvc_plots_show_renders_every_plot_without_a_warning(repo):
     cfg = load_config(repo / "params.yaml")
     shown = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, capture_output=True, text=True,
@@ -129,3 +99,34 @@ def test_dvc_plots_show_renders_every_plot_without_a_warning(repo):
     output = run(["dvc", "plots", "show"], repo)
     assert "WARNING" not in output and "ERROR" not in output and "failed" not in output, output
     assert (repo / "dvc_plots" / "index.html").is_file()
+
+
+# After the plots test: the README's lines change the workspace (another experiment, a train outside DVC).
+def test_two_experiments_compare_in_every_dvc_command(repo):
+    # The README's commands, as written: an experiment, the table, the diffs.
+    run(["bash", "-c", readme_command("dvc exp run -n")], repo)
+    shown = json.loads(run(["dvc", "exp", "show", "--no-pager", "--json"], repo))
+    cfg = load_config(repo / "params.yaml")
+    for name in ("base", "lr-1e-2"):
+        files = experiment_metrics(shown, name)
+        expected = {str(layout.train_metrics_file(cfg, b)) for b in cfg.backbones} | {
+            str(layout.ensemble_scores_file(cfg)), str(layout.submission_metrics_file(cfg))}
+        assert set(files) == expected
+        values = [value for data in files.values() for value in data.values()]
+        assert values and all(isinstance(value, float) for value in values)  # flat numbers: no "!" in any column
+        assert {"cv", "public", "private"} <= set(files[str(layout.submission_metrics_file(cfg))])
+    assert experiment_metrics(shown, "base") != experiment_metrics(shown, "lr-1e-2")
+
+    table = run(["bash", "-c", readme_command("dvc exp show") + " --no-pager"], repo, COLUMNS="300")
+    header = table.splitlines()[1].split()  # a wide terminal: the table's own width shows
+    assert header == ["Experiment", *(f"{b}_cv" for b in cfg.backbones), "cv", "public", "private", "train.lr"]
+    assert "base" in table and "lr-1e-2" in table and max(len(line) for line in table.splitlines()) <= 120, table
+
+    run(["dvc", "exp", "apply", "base"], repo)  # the workspace differs from the experiment the diffs name
+    diffs = run(["bash", "-c", readme_command("dvc exp diff")], repo)
+    assert "train.lr" in diffs and "cv" in diffs and "WARNING" not in diffs and "ERROR" not in diffs
+    diff = json.loads(run(["dvc", "plots", "diff", "base", "lr-1e-2", "--json"], repo))
+    assert "errors" not in diff, diff.get("errors")  # each experiment's plots come from DVC's cache
+
+    alone = run(["bash", "-c", readme_command("python -m pipeline train")], repo)  # one stage, outside DVC
+    assert "[lcnet_050] fold 1 epoch 3/3" in alone
