@@ -12,9 +12,9 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
-from pipeline import metrics
+from pipeline import distributed, metrics
 from pipeline.augment import BATCH_PRESETS, build_augment
 from pipeline.config import Config
 from pipeline.errors import ConfigError
@@ -129,6 +129,11 @@ def make_train_loader(cfg: Config, data, indices: np.ndarray, device, seed: int)
         sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(indices),
                                         replacement=True, generator=generator)
     drop_last = len(indices) > cfg.train.batch_size  # a lone 1-image batch breaks batch norm
+    if distributed.active():  # under torchrun: each rank its share of the same batches
+        batches = distributed.RankBatchSampler(sampler or RandomSampler(dataset, generator=generator),
+                                               cfg.train.batch_size, drop_last, distributed.rank(),
+                                               distributed.world_size())
+        return DataLoader(dataset, batch_sampler=batches, generator=generator, **loader_settings(cfg, device))
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
                       generator=generator, drop_last=drop_last, **loader_settings(cfg, device))
 

@@ -9,20 +9,20 @@ wrong type or an out-of-range value raises ``ConfigError`` naming the key before
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.errors import ConfigError  # noqa: F401 (re-exported: `from pipeline.config import ConfigError`)
 from pipeline.formula import check_formula
+from pipeline.sections import Ensemble, Infer, Section, Submit, Tune, TuneParam  # noqa: F401 (TuneParam re-exported)
 from pipeline.overrides import (  # noqa: F401 (parse_overrides, deep_merge and dump are re-exported)
     backbone_mapping, check_backbone_overrides, deep_merge, dump, load_model, parse_overrides, run_cli)
 
 
-class Section(BaseModel):
-    # extra="forbid" is what turns a typo into an error instead of a silently ignored key; the string under
-    # each field is its description (pipeline/reference.py writes docs/configuration.md from them).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+# A device name: `auto`, `cpu`, `cuda` or `cuda:N`.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+DeviceName = Annotated[str, Field(pattern=DEVICE_PATTERN)]
 
 
 class Paths(Section):
@@ -232,13 +232,16 @@ class Train(Section):
     """Where every fold's per-epoch metrics go: `dvclive`, `tensorboard`, `wandb` (offline unless WANDB_MODE is set)."""
     wandb_project: str = "kaggle-image-pipeline"
     """The Weights & Biases project of the `wandb` logger's runs (one run per backbone and fold)."""
+    devices: Literal["auto"] | Annotated[list[DeviceName], Field(min_length=1)] = "auto"
+    """Devices that train (and tune and infer) the folds on at once, one worker process each: `[cuda:0, cuda:1]`,
+    `[cpu, cpu]`; `auto`: every GPU when `runtime.device` is CUDA, else the one CPU (one device: no extra process)."""
 
 
 class Runtime(Section):
     """Where and how models run, shared by train, tune and infer: device, precision, memory layout, loaders."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where models run; `auto`: CUDA when present."""
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
+    """Where models run: `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`."""
     amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
     """Mixed precision; `auto`: bf16 or fp16 on CUDA, off on the CPU."""
     channels_last: bool = True
@@ -249,95 +252,6 @@ class Runtime(Section):
     """DataLoader worker processes (`auto`: min(cores, 8) on CUDA, 0 on the CPU)."""
     eval_batch_size: int = Field(default=128, ge=1)
     """Batch size of evaluation and inference."""
-
-
-class TuneParam(Section):
-    """One dimension of the search space."""
-
-    type: Literal["float", "int", "categorical"]
-    """The kind of values sampled."""
-    low: float | None = None
-    """Lower bound (float and int)."""
-    high: float | None = None
-    """Upper bound (float and int)."""
-    log: bool = False
-    """Sample on a log scale."""
-    step: float | None = None
-    """Step between values (optional)."""
-    choices: list[Any] | None = None
-    """The values of a categorical parameter."""
-
-    @model_validator(mode="after")
-    def _complete(self):
-        if self.type == "categorical" and not self.choices:
-            raise ValueError("a categorical parameter needs 'choices'")
-        if self.type != "categorical" and (self.low is None or self.high is None):
-            raise ValueError(f"a {self.type} parameter needs 'low' and 'high'")
-        return self
-
-
-class Tune(Section):
-    enabled: bool = True
-    """Run the search (false: write an empty `best_params.yaml`)."""
-    n_trials: int = Field(default=4, ge=0)
-    """Trials added per run (0: no search)."""
-    timeout: float | None = Field(default=None, gt=0)
-    """Stop the search after this many seconds (none: no limit)."""
-    epochs: int = Field(default=4, ge=1)
-    """Epochs per trial."""
-    folds: list[int] = Field(default_factory=lambda: [0])
-    """The folds a trial trains and is scored on."""
-    pruner: Literal["median", "hyperband", "wilcoxon", "none"] = "median"
-    """The Optuna pruner that stops unpromising trials early."""
-    storage: str | None = None
-    """Optuna storage URL, e.g. PostgreSQL (none: a journal file under `paths.tuning`); `env:NAME` reads it from that
-    environment variable, keeping a password out of params.yaml and dvc.lock. Shown and written masked."""
-    seed: int = 0
-    """Seed of the TPE sampler."""
-    max_train: int | None = Field(default=None, gt=0)
-    """Train trials on a subsample of this many images (none: all)."""
-    min_gain: float = Field(default=0.02, ge=0)
-    """The best trial replaces the untuned values only if it beats them by this much of the metric."""
-    space: dict[str, TuneParam] = Field(default_factory=lambda: {
-        "lr": TuneParam(type="float", low=2e-3, high=1.2e-2, log=True),
-        "weight_decay": TuneParam(type="float", low=1e-3, high=0.1, log=True),
-        "label_smoothing": TuneParam(type="float", low=0.0, high=0.1),
-        "drop_rate": TuneParam(type="float", low=0.0, high=0.3)})
-    """The search space: `train.*` key -> its range."""
-    heartbeat: int = Field(default=60, ge=1)
-    """Seconds between a database worker's heartbeats; a dead worker's trial fails after two."""
-
-
-class Infer(Section):
-    tta: list[str] = Field(default_factory=lambda: ["hflip", "vflip"])
-    """ttach views, combined: `hflip`, `vflip`, `rotate90`, `multiscale`, `brightness`."""
-    merge: Literal["mean", "gmean"] = "mean"
-    """How TTA views are merged: arithmetic (`mean`) or geometric (`gmean`) mean of probabilities."""
-    checkpoint: Literal["best", "last"] = "best"
-    """Which checkpoint of each fold predicts."""
-    refit_weight: float = Field(default=0.5, ge=0, le=1)
-    """With `train.refit`: the full-data model's share of the test probabilities (the folds share the rest)."""
-
-
-class Ensemble(Section):
-    method: str = "auto"
-    """The method that makes the submission, or `auto`: the best on OOF."""
-    methods: list[str] = Field(
-        default_factory=lambda: ["soft", "weighted", "hard", "geometric", "rank", "caruana", "stacking"])
-    """Methods scored on OOF: `soft`, `weighted`, `hard`, `geometric`, `rank`, `caruana`, `stacking`."""
-    class_offsets: bool = False
-    """Fit per-class logit offsets for the metric on OOF and apply them to test."""
-
-
-class Submit(Section):
-    kind: Literal["label", "proba"] = "label"
-    """Submit the class (`label`) or one probability column per class (`proba`)."""
-    upload: bool = False
-    """Upload the file with the Kaggle CLI."""
-    competition: str | None = None
-    """The Kaggle competition to upload to."""
-    message: str = "pipeline submission"
-    """The Kaggle submission message."""
 
 
 class Config(Section):

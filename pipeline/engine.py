@@ -11,12 +11,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.errors import PipelineError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("runtime.device is 'cuda' but no CUDA device is available; use runtime.device=auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"device {name!r} is CUDA but no CUDA device is available; use runtime.device=auto "
+                            f"(and train.devices=auto)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise PipelineError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if name in ("auto", "cuda") and distributed.local_device():  # under torchrun on CUDA: this rank's GPU
+        return torch.device(distributed.local_device())
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

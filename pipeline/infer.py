@@ -26,6 +26,7 @@ from pipeline.artifacts import probability_table, write_csv, write_parquet
 from pipeline.checkpoints import load_checkpoint
 from pipeline.competition import encode_labels
 from pipeline.config import Config
+from pipeline.devices import resolve_devices, run_on_devices
 from pipeline.engine import autocast, autocast_dtype, resolve_device, to_device
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import Cache, ImageDataset
@@ -148,6 +149,29 @@ def predict_refit(cfg: Config, backbone: str, cache: Cache, compose, device, amp
     return merge_views(views, cfg.infer.merge)
 
 
+def predict_fold(device: str | None, cfg: Config, backbone: str, fold: int, path: Path, expected_key: str,
+                 validation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A fold model's TTA views of its validation images and of the test images, on ``device`` (None:
+    ``runtime.device``; a device worker's own when ``train.devices`` names several)."""
+    device = resolve_device(device or cfg.runtime.device)
+    amp = autocast_dtype(cfg.runtime.amp, device)
+    channels_last = cfg.runtime.channels_last and device.type == "cuda"
+    cache = Cache.open(cfg)
+    compose = tta_transforms(cfg.infer.tta, cfg.data.size_hw)
+    model, checkpoint = load_fold_model(path, cache.class_names, device)
+    if checkpoint.get("key") != expected_key:
+        raise DataError(f"checkpoint {path} was trained with other settings, images, folds or training code than "
+                        f"the current ones: re-run train for {backbone} (dvc repro does)")
+    test = np.arange(len(cache.table("test")))
+    print(f"[{backbone}] fold {fold}: {len(view_names(compose, cfg.infer.tta))} TTA view(s) on {len(validation)} "
+          f"validation and {len(test)} test images", file=sys.stderr)
+    batch_size = cfg.runtime.eval_batch_size
+    return (predict_views(model, cache.images("train"), validation, compose, device, batch_size, amp, channels_last,
+                          f"[{backbone}] oof {fold}"),
+            predict_views(model, cache.images("test"), test, compose, device, batch_size, amp, channels_last,
+                          f"[{backbone}] test {fold}"))
+
+
 def infer_backbone(cfg: Config, backbone: str) -> dict:
     cfg = cfg.for_backbone(backbone)
     device = resolve_device(cfg.runtime.device)
@@ -162,24 +186,16 @@ def infer_backbone(cfg: Config, backbone: str) -> dict:
     fold_column = np.array([fold_of.get(i, -1) for i in train_ids])
     labels = encode_labels(train_table["target"], cache.class_names, "the cache")
     fold_dirs = trained_folds(cfg, backbone)
-    test_images, train_images = cache.images("test"), cache.images("train")
     test_sum = np.zeros((len(names), len(test_table), len(cache.class_names)))
     oof_views = np.full((len(names), len(train_ids), len(cache.class_names)), np.nan)
     channels_last = cfg.runtime.channels_last and device.type == "cuda"
-    batch_size = cfg.runtime.eval_batch_size
-    for fold, fold_dir, expected_key in fold_dirs:
-        path = fold_dir / layout.checkpoint_name(cfg.infer.checkpoint)
-        model, checkpoint = load_fold_model(path, cache.class_names, device)
-        if checkpoint.get("key") != expected_key:
-            raise DataError(f"checkpoint {path} was trained with other settings, images, folds or training code than "
-                            f"the current ones: re-run train for {backbone} (dvc repro does)")
-        validation = np.flatnonzero(fold_column == fold)
-        print(f"[{backbone}] fold {fold}: {len(names)} TTA view(s) on {len(validation)} validation and "
-              f"{len(test_table)} test images", file=sys.stderr)
-        oof_views[:, validation] = predict_views(model, train_images, validation, compose, device,
-                                                 batch_size, amp, channels_last, f"[{backbone}] oof {fold}")
-        test_sum += predict_views(model, test_images, np.arange(len(test_table)), compose, device,
-                                  batch_size, amp, channels_last, f"[{backbone}] test {fold}")
+    jobs = [(cfg, backbone, fold, fold_dir / layout.checkpoint_name(cfg.infer.checkpoint), expected_key,
+             np.flatnonzero(fold_column == fold)) for fold, fold_dir, expected_key in fold_dirs]
+    devices = resolve_devices(cfg.train.devices, cfg.runtime.device)
+    for (*_, validation), (fold_oof, fold_test) in zip(jobs, run_on_devices(predict_fold, jobs, devices,
+                                                                            f"[{backbone}] inference")):
+        oof_views[:, validation] = fold_oof
+        test_sum += fold_test
     covered = ~np.isnan(oof_views[0, :, 0])
     test_proba = merge_views(test_sum / len(fold_dirs), cfg.infer.merge)
     if cfg.train.refit:

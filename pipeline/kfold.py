@@ -3,15 +3,16 @@
 One fold is three parts, each readable alone:
 
 - ``build_fold``: the model, loss, optimizer, scheduler, EMA and mixup of the fold (``pipeline.builders``);
-- ``FoldStore``: the fold's folder (``done.json`` and the validation probabilities when finished,
-  ``last.pt`` to resume, ``best.pt`` for infer). Tuning trials use ``FoldStore(None, ...)``, which
+- ``FoldStore`` (``pipeline.fold_store``): the fold's folder (``done.json`` and the validation probabilities when
+  finished, ``last.pt`` to resume, ``best.pt`` for infer). Tuning trials use ``FoldStore(None, ...)``, which
   keeps nothing on disk;
 - ``train_fold``: the epoch loop (train one epoch, validate, remember the best, save, stop early).
 
 A fold that finished with the same settings is not trained again; a fold killed mid-way
 continues from last.pt (model, optimizer, scheduler, EMA, epoch); changed settings start the fold
 afresh. Each epoch is seeded from (seed, fold, epoch), so the same config gives the same OOF on
-the CPU, resumed or not.
+the CPU, resumed or not. ``cross_validate`` trains the folds in turn, or at once on the devices of
+``train.devices`` (``pipeline.devices``: one worker process per device).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,12 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from pipeline import builders, layout, metrics, provenance
-from pipeline.artifacts import atomic_path, write_json
-from pipeline.checkpoints import load_checkpoint, save_checkpoint
+from pipeline import builders, distributed, layout, metrics, provenance
+from pipeline.devices import run_on_devices
 from pipeline.competition import encode_labels
 from pipeline.config import Config
-from pipeline.engine import StepState, autocast_dtype, predict_logits, resolve_device, seed_everything, train_one_epoch
+from pipeline.fold_store import FoldBuild, FoldProgress, FoldResult, FoldStore  # noqa: F401 (re-exported)
+from pipeline.engine import autocast_dtype, predict_logits, resolve_device, seed_everything, train_one_epoch
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.images import Cache
 from pipeline.models import Heads, create_model, set_backbone_frozen
@@ -54,7 +55,7 @@ class TrainingData:
     heads: Heads
     mean: list[float]
     std: list[float]
-    cache_fingerprint: str = ""  # prepare's digest of the images (sizes, times), ids and labels
+    cache_fingerprint: str = ""  # prepare's digest of the images' bytes, ids and labels
 
 
 def load_training_data(cfg: Config) -> TrainingData:
@@ -105,7 +106,7 @@ def tuned_config(cfg: Config, backbone: str) -> Config:
 
 
 # Train keys that leave a fold's result alone: changing them must not retrain it.
-NOT_SETTINGS = {"folds", "loggers", "wandb_project"}
+NOT_SETTINGS = {"folds", "loggers", "wandb_project", "devices"}
 
 
 def settings_key(cfg: Config, backbone: str, data: TrainingData, fold: int) -> str:
@@ -116,6 +117,8 @@ def settings_key(cfg: Config, backbone: str, data: TrainingData, fold: int) -> s
                 "runtime": cfg.runtime.model_dump(exclude={"num_workers", "eval_batch_size"}), "metric": cfg.metric,
                 "data": [list(cfg.data.size_hw), cfg.data.channels, cfg.data.aux_cols],
                 "heads": data.heads.to_dict()}
+    if distributed.active():  # batch norm sees each rank's share of a batch: not the single-process training
+        relevant["world_size"] = distributed.world_size()
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
     # The ids as text: an object array's bytes are pointers, different in every process, which
     # made every new process see "changed settings" and never resume or skip a finished fold.
@@ -126,49 +129,6 @@ def settings_key(cfg: Config, backbone: str, data: TrainingData, fold: int) -> s
 
 
 # ---------------------------------------------------------------- one fold: what is built, what is kept
-
-@dataclass
-class FoldBuild:
-    """The objects that train one fold."""
-
-    model: torch.nn.Module
-    forward_model: torch.nn.Module  # the model, or its torch.compile'd form
-    compute_loss: object
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    per_update: bool  # the scheduler steps per optimizer update (else per epoch, on the score)
-    scaler: object
-    ema: object
-    mixup: object
-    state: StepState = field(default_factory=StepState)
-
-    @property
-    def evaluated(self) -> torch.nn.Module:
-        """What is validated and saved as best.pt: the EMA weights when EMA is on."""
-        return self.ema.module if self.ema is not None else self.model
-
-
-@dataclass
-class FoldProgress:
-    """Where a fold stands: resumed from last.pt, returned when it ends."""
-
-    start_epoch: int = 0
-    best_score: float | None = None
-    best_epoch: int = -1
-    stale: int = 0
-    history: list[dict] = field(default_factory=list)
-    best_proba: np.ndarray | None = None
-
-
-@dataclass
-class FoldResult:
-    fold: int
-    best_score: float
-    best_epoch: int
-    validation_indices: np.ndarray
-    validation_proba: np.ndarray
-    history: list[dict]
-
 
 def build_fold(cfg: Config, backbone: str, data: TrainingData, train_indices: np.ndarray, epochs: int,
                device: torch.device, amp) -> FoldBuild:
@@ -192,77 +152,9 @@ def build_fold(cfg: Config, backbone: str, data: TrainingData, train_indices: np
 
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
     mixup = builders.make_mixup(cfg, data.heads)
-    forward_model = torch.compile(model) if cfg.runtime.compile else model
+    forward_model = distributed.wrap(model, device)  # DistributedDataParallel under torchrun
+    forward_model = torch.compile(forward_model) if cfg.runtime.compile else forward_model
     return FoldBuild(model, forward_model, compute_loss, optimizer, scheduler, per_update, scaler, ema, mixup)
-
-
-class FoldStore:
-    """A fold's folder, or nothing (``folder=None``: a tuning trial keeps nothing on disk).
-
-    done.json + validation.npy mark a finished fold (with its settings key), last.pt is the
-    state to resume from after each epoch, best.pt the best epoch's weights for infer.
-    """
-
-    def __init__(self, folder: Path | None, key: str, label: str):
-        self.folder, self.key, self.label = folder, key, label
-        self.loggers = None  # the fold's loggers (pipeline.loggers.FoldLoggers), opened by train_fold
-
-    def finished(self) -> dict | None:
-        """The summary of a fold finished with the same settings, else None."""
-        if self.folder is None:
-            return None
-        done, validation = self.folder / layout.FOLD_DONE, self.folder / layout.FOLD_VALIDATION
-        if not (done.exists() and validation.exists()):
-            return None
-        summary = json.loads(done.read_text())
-        return {**summary, "proba": np.load(validation)} if summary.get("key") == self.key else None
-
-    def resume(self, build: FoldBuild, epochs: int) -> FoldProgress:
-        """The progress saved in last.pt, loaded into ``build``; a fresh start when there is none or it is stale."""
-        last = self.folder / layout.FOLD_LAST if self.folder is not None else None
-        if last is None or not last.exists():
-            return FoldProgress()
-        checkpoint = load_checkpoint(last)
-        if checkpoint.get("key") != self.key:
-            print(f"{self.label}: settings changed since {last}; starting afresh", file=sys.stderr)
-            return FoldProgress()
-        build.model.load_state_dict(checkpoint["model"])
-        build.optimizer.load_state_dict(checkpoint["optimizer"])
-        for name in ("scheduler", "ema", "scaler"):
-            part = getattr(build, name)
-            if part is not None and checkpoint.get(name) is not None:
-                part.load_state_dict(checkpoint[name])
-        build.state.updates = checkpoint["updates"]
-        progress = FoldProgress(checkpoint["epoch"] + 1, checkpoint["best_score"], checkpoint["best_epoch"],
-                                checkpoint["stale"], checkpoint["history"], checkpoint.get("best_proba"))
-        print(f"{self.label}: resuming from {last} at epoch {progress.start_epoch + 1}/{epochs}", file=sys.stderr)
-        return progress
-
-    def save_epoch(self, record: dict, payload: dict, build: FoldBuild, progress: FoldProgress,
-                   improved: bool) -> None:
-        """Write best.pt when the epoch improved and last.pt always, then log its metrics (``record``) to the
-        fold's loggers: after the save, so that a fold resumed from last.pt never logs an epoch twice."""
-        if self.folder is not None:
-            if improved:
-                save_checkpoint(self.folder / layout.checkpoint_name("best"), payload)
-            parts = {name: getattr(build, name).state_dict() if getattr(build, name) is not None else None
-                     for name in ("optimizer", "scheduler", "ema", "scaler")}
-            save_checkpoint(self.folder / layout.FOLD_LAST, {
-                **payload, "model": build.model.state_dict(), **parts, "updates": build.state.updates,
-                "best_score": progress.best_score, "best_epoch": progress.best_epoch, "stale": progress.stale,
-                "history": progress.history, "best_proba": progress.best_proba})
-        if self.loggers is not None and record:
-            self.loggers.log(record, step=payload["epoch"])
-
-    def finish(self, progress: FoldProgress) -> None:
-        if self.loggers is not None:
-            self.loggers.close()
-        if self.folder is None:
-            return
-        with atomic_path(self.folder / layout.FOLD_VALIDATION) as temporary, open(temporary, "wb") as handle:
-            np.save(handle, progress.best_proba)
-        write_json(self.folder / layout.FOLD_DONE, {"key": self.key, "best_score": progress.best_score,
-                                                    "best_epoch": progress.best_epoch, "history": progress.history})
 
 
 # ---------------------------------------------------------------- one fold: the epoch loop
@@ -280,17 +172,18 @@ def fold_indices(cfg: Config, data: TrainingData, fold: int, train_subset: int |
 
 
 def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_dir: Path | None, on_epoch=None,
-               epochs: int | None = None, train_subset: int | None = None, open_loggers=None) -> FoldResult:
+               epochs: int | None = None, train_subset: int | None = None, open_loggers=None,
+               device: str | None = None) -> FoldResult:
     """Train one fold; returns the best epoch's validation probabilities.
 
-    ``out_dir`` (None: keep nothing on disk, as tuning trials do) receives best.pt, last.pt and
-    done.json. ``on_epoch(epoch, score)`` is called after every validation, which is how Optuna
-    prunes; it may raise to stop the fold. ``open_loggers(fold, resume)`` opens the loggers every
-    epoch's metrics go to (``pipeline.loggers``; None: none, as in tuning trials).
+    ``out_dir`` (None: keep nothing on disk, as tuning trials do) receives best.pt, last.pt and done.json.
+    ``on_epoch(epoch, score)`` is called after every validation, which is how Optuna prunes; it may raise to stop
+    the fold. ``open_loggers(fold, resume)`` opens the loggers every epoch's metrics go to (``pipeline.loggers``;
+    None: none, as in tuning trials). ``device``: a device worker's own (None: ``runtime.device``).
     """
     epochs = epochs or cfg.train.epochs
     label = f"[{backbone}] fold {fold}"
-    device = resolve_device(cfg.runtime.device)
+    device = resolve_device(device or cfg.runtime.device)
     amp = autocast_dtype(cfg.runtime.amp, device)
     train_indices, validation_indices = fold_indices(cfg, data, fold, train_subset)
     store = FoldStore(out_dir, settings_key(cfg, backbone, data, fold), label)
@@ -304,21 +197,13 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
     seed_everything(cfg.train.seed + 1000 * fold)
     build = build_fold(cfg, backbone, data, train_indices, epochs, device, amp)
     progress = store.resume(build, epochs)
-    if open_loggers is not None:
+    if open_loggers is not None and distributed.is_main():
         store.loggers = open_loggers(fold, progress.start_epoch > 0)
-    eval_loader = builders.make_eval_loader(cfg, data.images, validation_indices, device,
-                                            cfg.runtime.eval_batch_size)
     y_true = data.labels[validation_indices]
     for epoch in range(progress.start_epoch, epochs):
         started = time.perf_counter()
         train_loss = run_epoch(cfg, build, data, train_indices, fold, epoch, epochs, label, device, amp)
-        logits = predict_logits(build.evaluated, eval_loader, device, amp=amp,
-                                channels_last=cfg.runtime.channels_last, desc="validate")
-        proba = data.heads.probabilities(logits).numpy().astype(np.float64)
-        if not np.isfinite(proba).all():
-            raise PipelineError(f"{label} epoch {epoch + 1}: the model's outputs became NaN or infinite (the "
-                                f"weights diverged): lower train.lr, set train.grad_clip (e.g. 1.0) or "
-                                f"runtime.amp=off")
+        proba = validate(cfg, build.evaluated, data, validation_indices, device, amp, f"{label} epoch {epoch + 1}")
         record, improved = score_epoch(cfg, build, progress, y_true, proba, epoch, train_loss, started)
         print(f"{label} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} val_loss {record['val_loss']:.4f} "
               f"{cfg.metric} {record[cfg.metric]:.4f}{' *' if improved else ''} ({record['seconds']}s)",
@@ -338,6 +223,20 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
     store.finish(progress)
     return FoldResult(fold, progress.best_score, progress.best_epoch, validation_indices, progress.best_proba,
                       progress.history)
+
+
+def validate(cfg: Config, model, data: TrainingData, validation_indices: np.ndarray, device, amp,
+             label: str) -> np.ndarray:
+    """The validation images' class probabilities (each rank predicts its share under torchrun; all get the whole)."""
+    loader = builders.make_eval_loader(cfg, data.images, distributed.shard(validation_indices), device,
+                                       cfg.runtime.eval_batch_size)
+    logits = predict_logits(model, loader, device, amp=amp, channels_last=cfg.runtime.channels_last, desc="validate")
+    proba = distributed.gather_rows(data.heads.probabilities(logits).numpy().astype(np.float64),
+                                    len(validation_indices))
+    if not np.isfinite(proba).all():
+        raise PipelineError(f"{label}: the model's outputs became NaN or infinite (the weights diverged): lower "
+                            f"train.lr, set train.grad_clip (e.g. 1.0) or runtime.amp=off")
+    return proba
 
 
 def run_epoch(cfg: Config, build: FoldBuild, data: TrainingData, train_indices, fold: int, epoch: int,
@@ -378,15 +277,28 @@ def score_epoch(cfg: Config, build: FoldBuild, progress: FoldProgress, y_true, p
 
 def cross_validate(cfg: Config, backbone: str, data: TrainingData, out_dir: Path | None, folds: list[int],
                    on_fold=None, on_epoch=None, epochs: int | None = None, train_subset: int | None = None,
-                   open_loggers=None):
+                   open_loggers=None, devices: list[str] | None = None):
     """Train the given folds; returns their FoldResults. ``on_fold(index, score)`` follows each fold;
-    ``open_loggers`` is train_fold's."""
+    ``open_loggers`` is train_fold's. ``devices``: several train the folds at once, one worker process each
+    (``pipeline.devices``; not with callbacks, which live in this process); one or None: here, in turn."""
+    fold_dirs = [out_dir / f"fold{fold}" if out_dir is not None else None for fold in folds]
+    if devices and len(devices) > 1 and on_fold is None and on_epoch is None:
+        jobs = [(cfg, backbone, fold, fold_dir, epochs, train_subset, open_loggers)
+                for fold, fold_dir in zip(folds, fold_dirs)]
+        return run_on_devices(train_fold_job, jobs, devices, f"[{backbone}] training")
+    device = devices[0] if devices else None
     results = []
-    for position, fold in enumerate(folds):
+    for position, (fold, fold_dir) in enumerate(zip(folds, fold_dirs)):
         callback = (lambda epoch, score, fold=fold: on_epoch(fold, epoch, score)) if on_epoch else None
-        fold_dir = out_dir / f"fold{fold}" if out_dir is not None else None
-        result = train_fold(cfg, backbone, data, fold, fold_dir, callback, epochs, train_subset, open_loggers)
+        result = train_fold(cfg, backbone, data, fold, fold_dir, callback, epochs, train_subset, open_loggers, device)
         results.append(result)
         if on_fold is not None:
             on_fold(position, result.best_score)
     return results
+
+
+def train_fold_job(device: str, cfg: Config, backbone: str, fold: int, out_dir: Path | None, epochs: int | None,
+                   train_subset: int | None, open_loggers) -> FoldResult:
+    """One fold in a device worker: the training data read there (the image cache is memory-mapped, not sent)."""
+    return train_fold(cfg, backbone, load_training_data(cfg), fold, out_dir, None, epochs, train_subset,
+                      open_loggers, device)

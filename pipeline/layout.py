@@ -85,6 +85,13 @@ def cache_dir(cfg: Config) -> Path:
     return _under(cfg, "cache")
 
 
+def cache_stamp(cfg: Config) -> Path:
+    """prepare's note of the image files' sizes and times when it last found the cache current: beside the
+    cache, not in it, so that what DVC tracks and shares is the same on every machine."""
+    folder = cache_dir(cfg)
+    return folder.with_name(f".{folder.name}.stamp.json")
+
+
 def cache_images_name(split: str) -> str:
     return f"{split}.npy"
 

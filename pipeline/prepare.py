@@ -10,7 +10,9 @@ Every image is decoded in one streaming pass (a process pool where cores allow) 
 into a memory-mapped file, so peak memory does not grow with the competition. Problems
 (missing, empty, corrupt images) are collected over the whole pass and reported together;
 a failed or killed run leaves the previous cache or none. Re-running with the same inputs
-and settings does no work.
+and settings does no work. "The same images" means the same bytes (meta.json's fingerprint), so
+a cache pulled from a DVC remote stays valid on a machine that copied the images anew; a note
+beside the cache (``.cache.stamp.json``: files' sizes and times) spares reading them every run.
 """
 
 from __future__ import annotations
@@ -41,17 +43,59 @@ from pipeline.images import try_load_image
 CACHE_VERSION = 1
 
 
-def fingerprint(cfg: Config, competition: Competition) -> str:
-    """A digest of everything the cache depends on: settings, ids, labels, image files' sizes and times."""
+def _digest(cfg: Config, competition: Competition, image_key) -> str:
+    """A digest of the settings, ids and labels, and ``image_key(path)`` of every image file."""
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_VERSION, list(cfg.data.size_hw), cfg.data.channels, competition.class_names,
                               competition.heads, competition.aux, competition.compose]).encode())
     for frame in (competition.train, competition.test):
         digest.update(frame.drop(columns="path").to_csv(index=False).encode())
         for path in frame["path"]:
-            stat = os.stat(path)
-            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            digest.update(f"{path}|{image_key(path)}".encode())
     return digest.hexdigest()
+
+
+def fingerprint(cfg: Config, competition: Competition) -> str:
+    """A digest of everything the cache depends on: settings, ids, labels and the image files' bytes.
+
+    The same on every machine with the same images, however they were copied (a teammate's clone
+    rebuilds the ELPV folder with new file times): a cache pulled from a DVC remote stays valid.
+    """
+    def content(path) -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:  # hashlib.file_digest is Python 3.11+
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return _digest(cfg, competition, content)
+
+
+def quick_key(cfg: Config, competition: Competition) -> str:
+    """:func:`fingerprint` with the image files' sizes and times for their bytes: valid on this machine only,
+    where it spares reading every image when nothing was touched."""
+    def stat(path) -> str:
+        info = os.stat(path)
+        return f"{info.st_size}|{info.st_mtime_ns}"
+
+    return _digest(cfg, competition, stat)
+
+
+def cache_is_current(cfg: Config, competition: Competition) -> tuple[bool, dict]:
+    """Whether the cache was built from these images and settings, and the stamp that says so on this machine:
+    the quick key and the fingerprint, kept beside the cache (outside what DVC tracks and shares)."""
+    meta_path, stamp_path = layout.cache_dir(cfg) / layout.CACHE_META, layout.cache_stamp(cfg)
+    built = json.loads(meta_path.read_text()).get("fingerprint") if meta_path.exists() else None
+    stamp = {"quick": quick_key(cfg, competition), "fingerprint": built}
+    with contextlib.suppress(OSError, ValueError):
+        if built and json.loads(stamp_path.read_text()) == stamp:
+            return True, stamp  # no image touched since the last look
+    stamp["fingerprint"] = fingerprint(cfg, competition)
+    if built != stamp["fingerprint"]:
+        return False, stamp
+    with contextlib.suppress(DataError):  # only a time saver: a read-only work folder reads every image each time
+        write_json(stamp_path, stamp)  # same bytes, new times (copied, pulled, rebuilt): a quick look next time
+    return True, stamp
 
 
 def is_broken_pool_cleanup_error(args) -> bool:
@@ -138,9 +182,9 @@ def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, de
 def main(cfg: Config) -> dict:
     competition = read_competition(cfg)
     cache_dir = layout.cache_dir(cfg)
-    key = fingerprint(cfg, competition)
-    meta_path = cache_dir / layout.CACHE_META
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == key:
+    current, stamp = cache_is_current(cfg, competition)
+    key = stamp["fingerprint"]
+    if current:
         print(f"prepare: the cache in {cache_dir} is up to date ({len(competition.train)} train, "
               f"{len(competition.test)} test images)", file=sys.stderr)
         return json.loads((cache_dir / layout.CACHE_STATS).read_text())
@@ -185,6 +229,7 @@ def main(cfg: Config) -> dict:
         competition.sample_submission.to_csv(folder / layout.CACHE_SAMPLE_SUBMISSION, index=False)
         if competition.solution is not None:
             competition.solution.to_csv(folder / layout.CACHE_SOLUTION, index=False)
+    write_json(layout.cache_stamp(cfg), stamp)
     print(f"prepare: cached {image_count} images at {list(cfg.data.size_hw)} x {channels}ch in {seconds:.1f}s "
           f"({stats['images_per_second']} img/s, {workers} workers)", file=sys.stderr)
     return stats

@@ -14,12 +14,13 @@ import sys
 
 import numpy as np
 
-from pipeline import layout, provenance
+from pipeline import distributed, layout, provenance
 from pipeline.artifacts import write_json
 from pipeline.config import Config
 from pipeline.engine import autocast_dtype, resolve_device, seed_everything
 from pipeline.builders import timm_name
-from pipeline.kfold import FoldResult, FoldStore, TrainingData, build_fold, run_epoch, settings_key
+from pipeline.fold_store import FoldResult, FoldStore
+from pipeline.kfold import TrainingData, build_fold, run_epoch, settings_key
 
 REFIT_FOLD = -1  # the fold number its seeds and settings key use
 
@@ -58,7 +59,8 @@ def train_refit(cfg: Config, backbone: str, data: TrainingData, epochs: int) -> 
                    "config": provenance.public_config(cfg), "epoch": epoch, "key": store.key}
         store.save_epoch({}, payload, build, progress, improved=epoch == epochs - 1)
     summary = {"key": store.key, "epochs": epochs, "history": progress.history}
-    write_json(done, summary)
+    if distributed.is_main():
+        write_json(done, summary)
     return summary
 
 

@@ -22,10 +22,11 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from pipeline import cli, layout, metrics
+from pipeline import cli, distributed, layout, metrics
 from pipeline.artifacts import atomic_dir, probability_table, save_figure, write_json, write_parquet
 from pipeline.builders import check_choices
 from pipeline.config import Config
+from pipeline.devices import resolve_devices
 from pipeline.errors import ConfigError
 from pipeline.kfold import cross_validate, load_training_data, tuned_config
 from pipeline.loggers import FOLD_FOLDERS, check_loggers, open_fold_loggers
@@ -85,11 +86,19 @@ def train_backbone(cfg: Config, backbone: str) -> dict:
     bad = [f for f in folds if f not in all_folds]
     if bad:
         raise ConfigError(f"train.folds {bad} are not folds of {layout.folds_file(cfg)} (it has {all_folds})")
-    remove_stale_folds(cfg, backbone, all_folds)
+    if distributed.is_main():  # under torchrun rank 0 writes (and removes) for all
+        remove_stale_folds(cfg, backbone, all_folds)
+    distributed.barrier()
     print(f"[{backbone}] training {len(folds)} fold(s), {cfg.train.epochs} epochs, "
           f"{len(data.ids)} images, classes {data.heads.class_names}", file=sys.stderr)
     results = cross_validate(cfg, backbone, data, layout.model_dir(cfg, backbone), folds,
-                             open_loggers=partial(open_fold_loggers, cfg, backbone))
+                             open_loggers=partial(open_fold_loggers, cfg, backbone),
+                             devices=resolve_devices(cfg.train.devices, cfg.runtime.device))
+    if cfg.train.refit:  # every rank trains it under torchrun
+        refit_epochs_chosen = refit_epochs(results)
+        train_refit(cfg, backbone, data, refit_epochs_chosen)
+    if not distributed.is_main():
+        return {}
     write_fold_curves(cfg, backbone, results)
     proba = np.zeros((len(data.ids), len(data.heads.class_names)))
     covered = np.zeros(len(data.ids), dtype=bool)
@@ -109,8 +118,7 @@ def train_backbone(cfg: Config, backbone: str) -> dict:
                   cfg.metric: metrics.score(cfg.metric, y_true, proba)},
               "folds": per_fold}
     if cfg.train.refit:
-        report["refit_epochs"] = refit_epochs(results)
-        train_refit(cfg, backbone, data, report["refit_epochs"])
+        report["refit_epochs"] = refit_epochs_chosen
     write_json(layout.train_metrics_file(cfg, backbone), metrics.train_record(report))
     save_figure(layout.confusion_file(cfg, backbone),
                 confusion_figure(y_true, proba.argmax(1), data.heads.class_names,
@@ -123,6 +131,7 @@ def train_backbone(cfg: Config, backbone: str) -> dict:
 def main(cfg: Config, backbone: str | None = None) -> dict:
     """Train ``backbone`` (the CLI's ``--backbone``), or every backbone of the config."""
     check_choices(cfg)
+    distributed.start()  # under torchrun: one model across the processes (DistributedDataParallel)
     names = [backbone] if backbone else list(cfg.backbones)
     for name in names:  # a logger set per backbone needs its package too
         check_loggers(cfg.for_backbone(name))

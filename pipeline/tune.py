@@ -46,6 +46,7 @@ from pipeline import cli, layout, metrics, provenance
 from pipeline.artifacts import atomic_dir, save_figure, write_csv, write_text
 from pipeline.builders import check_choices
 from pipeline.config import Config, Train
+from pipeline.devices import resolve_devices, run_on_devices
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.kfold import TrainingData, cross_validate, load_training_data, settings_key
 from pipeline.studies import (
@@ -164,8 +165,10 @@ def open_study(cfg: Config, backbone: str, storage=None, data: TrainingData | No
 
 # ---------------------------------------------------------------- the objective
 
-def make_objective(cfg: Config, backbone: str, data: TrainingData, space: dict[str, BaseDistribution]):
-    """objective(trial) -> the mean over ``tune.folds`` of each fold's best ``metric``."""
+def make_objective(cfg: Config, backbone: str, data: TrainingData, space: dict[str, BaseDistribution],
+                   device: str | None = None):
+    """objective(trial) -> the mean over ``tune.folds`` of each fold's best ``metric``, trained on ``device``
+    (None: ``runtime.device``)."""
     one_fold = len(cfg.tune.folds) == 1
 
     def objective(trial: optuna.Trial) -> float:
@@ -186,7 +189,8 @@ def make_objective(cfg: Config, backbone: str, data: TrainingData, space: dict[s
             results = cross_validate(
                 trial_cfg, backbone, data, out_dir=None, folds=cfg.tune.folds, epochs=cfg.tune.epochs,
                 train_subset=cfg.tune.max_train, on_fold=None if one_fold else report,
-                on_epoch=(lambda fold, epoch, score: report(epoch, score)) if one_fold else None)
+                on_epoch=(lambda fold, epoch, score: report(epoch, score)) if one_fold else None,
+                devices=[device] if device else None)
         except ConfigError:
             raise  # a config bug, not a bad trial: stop
         except (PipelineError, torch.cuda.OutOfMemoryError) as error:
@@ -316,21 +320,42 @@ def write_untuned(cfg: Config, backbone: str) -> dict:
 
 # ---------------------------------------------------------------- one backbone, then all
 
-def tune_backbone(cfg: Config, backbone: str, storage, data: TrainingData, space: dict) -> dict:
+def tune_backbone(cfg: Config, backbone: str, storage, data: TrainingData, space: dict,
+                  devices: list[str]) -> dict:
+    """Add ``tune.n_trials`` trials to the backbone's study, shared among ``devices`` (one worker process each,
+    joining the one study in the storage, when there are several), then write the outputs."""
     cfg = cfg.for_backbone(backbone)  # the search starts from this backbone's own overrides
     study = open_study(cfg, backbone, storage, data)
-    journal = isinstance(storage, JournalStorage)
-    if journal:
+    if isinstance(storage, JournalStorage):
         fail_orphaned_trials(study)
     finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
     budget = f"{cfg.tune.n_trials} more trial(s)" + (f" or {cfg.tune.timeout:g}s" if cfg.tune.timeout else "")
     print(f"[{backbone}] tuning {', '.join(space)} in study {study.study_name!r} of {storage_label(cfg)} "
           f"({finished} trials so far): {budget}, {cfg.tune.epochs} epoch(s) on fold(s) {cfg.tune.folds}, "
           f"{cfg.tune.pruner} pruner, worker {worker_name()}", file=sys.stderr)
-    study.optimize(make_objective(cfg, backbone, data, space), n_trials=cfg.tune.n_trials, timeout=cfg.tune.timeout,
-                   catch=(TrialFailed,), callbacks=[progress(cfg, backbone, orphan_check=journal)],
-                   gc_after_trial=True)
+    if len(devices) > 1:
+        shares = [len(range(index, cfg.tune.n_trials, len(devices))) for index in range(len(devices))]
+        run_on_devices(search_job, [(cfg, backbone, share) for share in shares if share], devices,
+                       f"[{backbone}] tuning")
+    else:
+        search(study, cfg, backbone, data, space, devices[0] if devices else None, cfg.tune.n_trials, storage)
     return write_outputs(cfg, backbone, study)
+
+
+def search(study: optuna.Study, cfg: Config, backbone: str, data: TrainingData, space: dict, device: str | None,
+           n_trials: int, storage) -> None:
+    """``n_trials`` trials of the study (or until ``tune.timeout``) by this process, on ``device``."""
+    study.optimize(make_objective(cfg, backbone, data, space, device), n_trials=n_trials, timeout=cfg.tune.timeout,
+                   catch=(TrialFailed,), callbacks=[progress(cfg, backbone, isinstance(storage, JournalStorage))],
+                   gc_after_trial=True)
+
+
+def search_job(device: str, cfg: Config, backbone: str, n_trials: int) -> None:
+    """A device worker's share of the trials: it opens the storage and joins the study itself."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    storage, data = open_storage(cfg), load_training_data(cfg)
+    search(open_study(cfg, backbone, storage, data), cfg, backbone, data, search_space(cfg), device, n_trials,
+           storage)
 
 
 def main(cfg: Config, backbone: str | None = None) -> dict:
@@ -348,7 +373,8 @@ def main(cfg: Config, backbone: str | None = None) -> dict:
     if missing:
         raise ConfigError(f"tune.folds {missing} are not folds of {layout.folds_file(cfg)} "
                           f"(it has {sorted(np.unique(data.folds).tolist())})")
-    return {name: tune_backbone(cfg, name, storage, data, space) for name in names}
+    devices = resolve_devices(cfg.train.devices, cfg.runtime.device)
+    return {name: tune_backbone(cfg, name, storage, data, space, devices) for name in names}
 
 
 if __name__ == "__main__":

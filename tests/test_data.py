@@ -1,5 +1,7 @@
 """Competition reading (ELPV build, Kaggle CSV, subfolders, mask layout), the cache, and bad inputs."""
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -63,6 +65,27 @@ def test_prepare_again_does_no_work(tmp_path):
     stamp = (cfg.path("cache") / "train.npy").stat().st_mtime_ns
     prepare.main(cfg)
     assert (cfg.path("cache") / "train.npy").stat().st_mtime_ns == stamp
+
+
+def test_the_cache_follows_the_images_bytes_not_their_file_times(tmp_path, capsys):
+    """A teammate's clone pulls the cache and copies the images anew (new file times): the cache is still up to
+    date, and the note of sizes and times beside it (not in it: DVC shares the cache) makes the next look quick."""
+    comp = make_csv_competition(tmp_path / "comp")
+    cfg = folder_config(tmp_path, comp)
+    cache, note = cfg.path("cache"), cfg.path("cache").parent / ".cache.stamp.json"
+    prepare.main(cfg)
+    built = {p.name: p.read_bytes() for p in cache.iterdir()}
+    images = sorted((comp / "train").iterdir())
+    for image in images:
+        os.utime(image, ns=(1, 1))  # as if copied anew
+    capsys.readouterr()
+    prepare.main(cfg)
+    assert "is up to date" in capsys.readouterr().err and {p.name: p.read_bytes() for p in cache.iterdir()} == built
+    assert json.loads(note.read_text())["fingerprint"] == json.loads(built["meta.json"])["fingerprint"]
+    with Image.open(images[0]) as image:
+        Image.fromarray(255 - np.asarray(image)).save(images[0])  # other pixels, same id
+    prepare.main(cfg)
+    assert "cached" in capsys.readouterr().err and (cache / "meta.json").read_bytes() != built["meta.json"]
 
 
 @pytest.mark.parametrize("id_with_extension", [False, True])

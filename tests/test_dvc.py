@@ -1,6 +1,7 @@
 """`dvc repro` end to end on a copy of the repository with the smoke preset as params.yaml."""
 
 import json
+import shlex
 import subprocess
 
 import numpy as np
@@ -128,3 +129,41 @@ def test_a_changed_or_removed_image_of_a_folder_competition_re_runs_what_follows
     assert {"prepare", "folds", "train@lcnet_050", "ensemble"} <= removed
     folds = pd.read_csv(repo / "work" / "folds.csv", dtype=str)
     assert image.stem not in set(folds["id"]) and len(folds) == len(train) - 1
+
+
+
+# The README's lines for a team of machines, run as written (tests/test_readme_scale.py holds the README to them):
+# REMOTE is the team's DVC remote (S3 in the README, a local folder here), REPO the repository's git URL.
+TEAM_COMMANDS = ["dvc remote add -d team REMOTE",
+                 'dvc repro && git add -A && git commit -m "run" && dvc push',
+                 "git clone REPO && cd REPO && dvc pull && dvc repro"]
+
+
+def run_line(line: str, cwd) -> list[str]:
+    """A README line of commands joined by ``&&``, each run by :func:`run` (``cd`` moves to a folder): the outputs."""
+    outputs = []
+    for command in line.split(" && "):
+        if command.startswith("cd "):
+            cwd = cwd / command[3:]
+        else:
+            outputs.append(run(shlex.split(command), cwd))
+    return outputs
+
+
+def test_a_fresh_clone_pulls_from_a_dvc_remote_and_retrains_nothing(repo, tmp_path):
+    """Machine A runs, commits the lock file and pushes to the team's remote; a fresh clone B pulls, and its
+    `dvc repro` finds every stage up to date: no fold, study or prediction is computed again."""
+    remote, machine_a, machine_b = TEAM_COMMANDS
+    run(["git", "config", "user.email", "a@team"], repo)
+    run(["git", "config", "user.name", "A"], repo)
+    run_line(remote.replace("REMOTE", str(tmp_path / "remote")), repo)
+    run_line(machine_a, repo)  # its dvc repro brings A up to date whatever the tests before changed
+    # git clone /path/to/repo makes ./repo: the line's first REPO is the URL, the second the folder.
+    _, pull, output = run_line(machine_b.replace("REPO", str(repo), 1).replace("REPO", repo.name), tmp_path)
+    b = tmp_path / repo.name
+    assert "fetched" in pull and (b / "work" / "models").is_dir()
+    assert stages_run(output) == {"prepare"}, output[-3000:]  # prepare always looks ...
+    assert "is up to date" in output  # ... and finds the pulled cache built from the same images
+    assert "epoch 1/" not in output and "already trained" not in output
+    for record in ("submissions/submission.csv", "dvc.lock"):
+        assert (b / record).read_text() == (repo / record).read_text()

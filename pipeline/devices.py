@@ -1,0 +1,85 @@
+"""Jobs spread over the devices of one box, one worker process per device: train's folds, infer's folds, tune's trials.
+
+``train.devices`` names the devices: a list (``[cuda:0, cuda:1]``; ``[cpu, cpu]`` runs two CPU workers, which is
+how the tests exercise it) or ``auto``: every visible GPU when models run on CUDA, else the one CPU. With one
+device the jobs run in this process, one after another, exactly as before. With several, ``run_on_devices``
+starts one spawned process per device (concurrent.futures; each worker claims its device as it starts) and hands
+each worker the next job when it finishes one; results come back in the jobs' order. CPU workers share the cores.
+What a job writes it writes itself (a fold's folder), so a worker that dies fails the stage with a message and
+every job finished before stays finished.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import torch
+
+from pipeline import distributed
+from pipeline.engine import resolve_device
+from pipeline.errors import ConfigError, PipelineError
+
+_device: str | None = None  # the device a worker process claimed (None in the main process)
+
+
+def resolve_devices(devices: list[str] | str, runtime_device: str) -> list[str]:
+    """The device of each worker: the list as given, or for ``auto`` every visible GPU when ``runtime.device``
+    resolves to CUDA (without an index), else that one device."""
+    if distributed.active():  # under torchrun each process is one rank on one device
+        if devices != "auto" and len(devices) > 1:
+            raise ConfigError("train.devices names several devices under torchrun, which gives each process its "
+                              "own: leave train.devices=auto with torchrun")
+        return [str(resolve_device(runtime_device))]
+    if devices != "auto":
+        return [str(resolve_device(name)) for name in devices]
+    device = resolve_device(runtime_device)
+    if device.type == "cuda" and device.index is None:
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return [str(device)]
+
+
+def _claim_device(devices, threads: int, log_path: str | None) -> None:
+    """A worker's start: take one device off the queue, share the CPU's cores, write to the stage's run log too."""
+    global _device
+    _device = devices.get()
+    if _device.startswith("cpu"):
+        torch.set_num_threads(threads)
+    if log_path is not None:
+        from pipeline.cli import Tee
+
+        log = open(log_path, "a", buffering=1, encoding="utf-8")
+        sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
+
+
+def _run_job(function, job: tuple):
+    return function(_device, *job)
+
+
+def run_on_devices(function, jobs: list[tuple], devices: list[str], what: str) -> list:
+    """``[function(device, *job) for job in jobs]`` with the jobs spread over ``devices``: in this process for one
+    device, else one worker process per device. ``function`` must be importable (a module's top-level function)
+    and the jobs picklable. A job's PipelineError stops the stage with its message; a dead worker stops it with ours."""
+    if len(devices) <= 1:
+        return [function(devices[0] if devices else None, *job) for job in jobs]
+    context = multiprocessing.get_context("spawn")  # CUDA cannot live in a forked process
+    queue = context.Queue()
+    for device in devices:
+        queue.put(device)
+    cpu_workers = sum(device.startswith("cpu") for device in devices)
+    threads = max(1, torch.get_num_threads() // max(1, cpu_workers))
+    log_path = getattr(getattr(sys.stderr, "log", None), "name", None)
+    print(f"{what}: {len(jobs)} job(s) on {len(devices)} devices {devices}, one worker process each",
+          file=sys.stderr)
+    pool = ProcessPoolExecutor(len(devices), mp_context=context, initializer=_claim_device,
+                               initargs=(queue, threads, log_path))
+    try:
+        futures = [pool.submit(_run_job, function, job) for job in jobs]
+        return [future.result() for future in futures]
+    except BrokenProcessPool:
+        raise PipelineError(f"{what}: a worker process died (killed, or out of memory) before its job finished; "
+                            f"what the finished jobs wrote is kept, re-run to go on from there") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,105 @@
+"""The configuration's base section and the sections of the later stages: search, inference, ensembling, submission.
+
+``pipeline.config`` holds the sections of data and training and the whole ``Config``; it re-exports these.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    # extra="forbid" is what turns a typo into an error instead of a silently ignored key; the string under
+    # each field is its description (pipeline/reference.py writes docs/configuration.md from them).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class TuneParam(Section):
+    """One dimension of the search space."""
+
+    type: Literal["float", "int", "categorical"]
+    """The kind of values sampled."""
+    low: float | None = None
+    """Lower bound (float and int)."""
+    high: float | None = None
+    """Upper bound (float and int)."""
+    log: bool = False
+    """Sample on a log scale."""
+    step: float | None = None
+    """Step between values (optional)."""
+    choices: list[Any] | None = None
+    """The values of a categorical parameter."""
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.type == "categorical" and not self.choices:
+            raise ValueError("a categorical parameter needs 'choices'")
+        if self.type != "categorical" and (self.low is None or self.high is None):
+            raise ValueError(f"a {self.type} parameter needs 'low' and 'high'")
+        return self
+
+
+class Tune(Section):
+    enabled: bool = True
+    """Run the search (false: write an empty `best_params.yaml`)."""
+    n_trials: int = Field(default=4, ge=0)
+    """Trials added per run (0: no search)."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Stop the search after this many seconds (none: no limit)."""
+    epochs: int = Field(default=4, ge=1)
+    """Epochs per trial."""
+    folds: list[int] = Field(default_factory=lambda: [0])
+    """The folds a trial trains and is scored on."""
+    pruner: Literal["median", "hyperband", "wilcoxon", "none"] = "median"
+    """The Optuna pruner that stops unpromising trials early."""
+    storage: str | None = None
+    """Optuna storage URL, e.g. PostgreSQL (none: a journal file under `paths.tuning`); `env:NAME` reads it from that
+    environment variable, keeping a password out of params.yaml and dvc.lock. Shown and written masked."""
+    seed: int = 0
+    """Seed of the TPE sampler."""
+    max_train: int | None = Field(default=None, gt=0)
+    """Train trials on a subsample of this many images (none: all)."""
+    min_gain: float = Field(default=0.02, ge=0)
+    """The best trial replaces the untuned values only if it beats them by this much of the metric."""
+    space: dict[str, TuneParam] = Field(default_factory=lambda: {
+        "lr": TuneParam(type="float", low=2e-3, high=1.2e-2, log=True),
+        "weight_decay": TuneParam(type="float", low=1e-3, high=0.1, log=True),
+        "label_smoothing": TuneParam(type="float", low=0.0, high=0.1),
+        "drop_rate": TuneParam(type="float", low=0.0, high=0.3)})
+    """The search space: `train.*` key -> its range."""
+    heartbeat: int = Field(default=60, ge=1)
+    """Seconds between a database worker's heartbeats; a dead worker's trial fails after two."""
+
+
+class Infer(Section):
+    tta: list[str] = Field(default_factory=lambda: ["hflip", "vflip"])
+    """ttach views, combined: `hflip`, `vflip`, `rotate90`, `multiscale`, `brightness`."""
+    merge: Literal["mean", "gmean"] = "mean"
+    """How TTA views are merged: arithmetic (`mean`) or geometric (`gmean`) mean of probabilities."""
+    checkpoint: Literal["best", "last"] = "best"
+    """Which checkpoint of each fold predicts."""
+    refit_weight: float = Field(default=0.5, ge=0, le=1)
+    """With `train.refit`: the full-data model's share of the test probabilities (the folds share the rest)."""
+
+
+class Ensemble(Section):
+    method: str = "auto"
+    """The method that makes the submission, or `auto`: the best on OOF."""
+    methods: list[str] = Field(
+        default_factory=lambda: ["soft", "weighted", "hard", "geometric", "rank", "caruana", "stacking"])
+    """Methods scored on OOF: `soft`, `weighted`, `hard`, `geometric`, `rank`, `caruana`, `stacking`."""
+    class_offsets: bool = False
+    """Fit per-class logit offsets for the metric on OOF and apply them to test."""
+
+
+class Submit(Section):
+    kind: Literal["label", "proba"] = "label"
+    """Submit the class (`label`) or one probability column per class (`proba`)."""
+    upload: bool = False
+    """Upload the file with the Kaggle CLI."""
+    competition: str | None = None
+    """The Kaggle competition to upload to."""
+    message: str = "pipeline submission"
+    """The Kaggle submission message."""
