@@ -66,7 +66,8 @@ def loader_efficiency(cfg: Config, steps: int, repeats: int) -> dict:
     data = kfold.load_training_data(cfg)
     device = resolve_device(cfg.runtime.device)
     indices = np.arange(min(len(data.ids), steps * cfg.train.batch_size))
-    model = create_model(backbone, data.heads, cfg.data.channels, data.mean, data.std).to(device)
+    model = create_model(builders.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean,
+                         data.std).to(device)
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     compute_loss, losses = builders.make_loss(cfg, data.heads, data.targets[indices])
@@ -112,17 +113,18 @@ def tta_cost(cfg: Config, images_count: int, repeats: int) -> dict:
 
     cache = Cache.open(cfg)
     heads = Heads(cache.class_names, [("target", cache.class_names)])
-    model = ProbabilityModel(create_model(backbone, heads, cfg.data.channels, cache.mean, cache.std), heads).eval()
+    device = resolve_device(cfg.runtime.device)  # the device the stages run on (the GPU's, on a GPU machine)
+    model = ProbabilityModel(create_model(builders.timm_name(cfg.for_backbone(backbone), backbone), heads,
+                                          cfg.data.channels, cache.mean, cache.std), heads).to(device).eval()
     images = cache.images("train")
     indices = np.arange(min(images_count, len(images)))
-    device = torch.device("cpu")
     compose = tta_transforms(cfg.infer.tta, cfg.data.size_hw)
     views = len(compose) if compose is not None else 1
     batch_size = cfg.runtime.eval_batch_size
     plain = median_time(lambda: predict_views(model, images, indices, None, device, batch_size), repeats)
     tta = median_time(lambda: predict_views(model, images, indices, compose, device, batch_size), repeats)
-    return {"backbone": backbone, "tta": cfg.infer.tta, "views": views, "plain_s": round(plain, 3),
-            "tta_s": round(tta, 3), "cost_per_view": round(tta / (views * plain), 3)}
+    return {"backbone": backbone, "device": device.type, "tta": cfg.infer.tta, "views": views,
+            "plain_s": round(plain, 3), "tta_s": round(tta, 3), "cost_per_view": round(tta / (views * plain), 3)}
 
 
 # ---------------------------------------------------------------- prepare: throughput and flat memory
@@ -189,7 +191,8 @@ def epoch_scaling(cfg: Config, sizes: list[int], repeats: int) -> dict:
     cfg = cfg.for_backbone(backbone)
     data = kfold.load_training_data(cfg)
     device = resolve_device(cfg.runtime.device)
-    model = create_model(backbone, data.heads, cfg.data.channels, data.mean, data.std).to(device)
+    model = create_model(builders.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean,
+                         data.std).to(device)
     optimizer = builders.make_optimizer(cfg, model)
     compute_loss, _ = builders.make_loss(cfg, data.heads, data.targets)
     per_image = {}

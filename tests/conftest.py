@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+# One torch thread per test process and per stage it starts (they inherit the environment): the suite runs in two
+# pytest-xdist workers (pyproject's addopts), and two processes of two threads each on a 2-core machine spin in
+# each other's way, ten times slower than one thread each. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
 
 import numpy as np
 import pandas as pd

@@ -4,15 +4,11 @@ import json
 import shlex
 import subprocess
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import make_config
-from PIL import Image
 from repo_copy import copy_repository, dvc_env, stages_run
 
-from pipeline.competition import build_elpv
 
 pytestmark = pytest.mark.slow
 
@@ -71,67 +67,6 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_one_backbone(repo):
     assert len(trials) == 1 and trials["params_lr"].iloc[0] == 0.004  # the new study's untuned trial only
 
 
-def test_an_edit_to_training_code_retrains_every_fold(repo):
-    run(["dvc", "repro"], repo)  # up to date whatever ran before
-    engine = repo / "pipeline" / "engine.py"
-    engine.write_text(engine.read_text() + "\n# an edit: the epoch loop may behave differently now\n")
-    output = run(["dvc", "repro"], repo)
-    ran = stages_run(output)
-    backbones = ["lcnet_050", "mobilenetv3_small_050"]
-    assert {f"{stage}@{name}" for stage in ("tune", "train", "infer") for name in backbones} <= ran
-    assert not ran & {"eda", "folds"}  # they do not import the training code
-    assert "is up to date" in output  # prepare looked (it always does) and left the cache alone
-    # The models folder persists across runs, but no fold may be skipped as trained by the old code.
-    assert "already trained" not in output and "epoch 1/1" in output
-
-
-def test_fewer_folds_leave_no_stale_fold_behind(repo):
-    def set_splits(count):
-        params = yaml.safe_load((repo / "params.yaml").read_text())
-        params["folds"]["n_splits"] = count
-        # One backbone, no search: what this test is about (the folds) costs half the time.
-        params["backbones"], params["tune"]["enabled"] = {"lcnet_050": params["backbones"]["lcnet_050"]}, False
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    set_splits(3)
-    run(["dvc", "repro"], repo)
-    models = repo / "work" / "models" / "lcnet_050"
-    assert sorted(p.name for p in models.glob("fold*")) == ["fold0", "fold1", "fold2"]
-    set_splits(2)
-    run(["python", "-m", "pipeline.folds"], repo)
-    # infer alone refuses the model of a fold that no longer exists, with a message, not a traceback.
-    refused = subprocess.run(["python", "-m", "pipeline.infer", "--backbone", "lcnet_050"], cwd=repo,
-                             capture_output=True, text=True, env=dvc_env(repo))
-    assert refused.returncode == 2 and "fold(s) [2]" in refused.stderr and "Traceback" not in refused.stderr
-    output = run(["dvc", "repro"], repo)
-    assert "removed" in output and sorted(p.name for p in models.glob("fold*")) == ["fold0", "fold1"]
-    oof = pd.read_parquet(repo / "work" / "preds" / "lcnet_050_oof.parquet")
-    assert sorted(oof["fold"].unique()) == [0, 1]
-
-
-def test_a_changed_or_removed_image_of_a_folder_competition_re_runs_what_follows(tmp_path):
-    competition = build_elpv(make_config(tmp_path / "source"))
-    repo = copy_repository(tmp_path / "repo")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update({"source": "folder", "dir": str(competition)})
-    # One backbone, no search: what this test is about (prepare noticing the images) costs half the time.
-    params["backbones"], params["tune"]["enabled"] = {"lcnet_050": params["backbones"]["lcnet_050"]}, False
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["dvc", "repro"], repo)
-    image = sorted((competition / "train").glob("*.png"))[0]
-    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)  # other pixels, same id
-    changed = stages_run(run(["dvc", "repro"], repo))
-    assert {"prepare", "eda", "train@lcnet_050", "ensemble"} <= changed and "folds" not in changed
-    train = pd.read_csv(competition / "train.csv", dtype=str)
-    train[train["id"] != image.stem].to_csv(competition / "train.csv", index=False)
-    image.unlink()
-    removed = stages_run(run(["dvc", "repro"], repo))
-    assert {"prepare", "folds", "train@lcnet_050", "ensemble"} <= removed
-    folds = pd.read_csv(repo / "work" / "folds.csv", dtype=str)
-    assert image.stem not in set(folds["id"]) and len(folds) == len(train) - 1
-
-
-
 # The README's lines for a team of machines, run as written (tests/test_readme_scale.py holds the README to them):
 # REMOTE is the team's DVC remote (S3 in the README, a local folder here), REPO the repository's git URL.
 TEAM_COMMANDS = ["dvc remote add -d team REMOTE",
@@ -167,3 +102,41 @@ def test_a_fresh_clone_pulls_from_a_dvc_remote_and_retrains_nothing(repo, tmp_pa
     assert "epoch 1/" not in output and "already trained" not in output
     for record in ("submissions/submission.csv", "dvc.lock"):
         assert (b / record).read_text() == (repo / record).read_text()
+
+
+def test_fewer_folds_leave_no_stale_fold_behind(repo):
+    def set_splits(count):
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["folds"]["n_splits"] = count
+        # One backbone, no search: what this test is about (the folds) costs half the time.
+        params["backbones"], params["tune"]["enabled"] = {"lcnet_050": params["backbones"]["lcnet_050"]}, False
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    set_splits(3)
+    run(["dvc", "repro"], repo)
+    models = repo / "work" / "models" / "lcnet_050"
+    assert sorted(p.name for p in models.glob("fold*")) == ["fold0", "fold1", "fold2"]
+    set_splits(2)
+    run(["python", "-m", "pipeline.folds"], repo)
+    # infer alone refuses the model of a fold that no longer exists, with a message, not a traceback.
+    refused = subprocess.run(["python", "-m", "pipeline.infer", "--backbone", "lcnet_050"], cwd=repo,
+                             capture_output=True, text=True, env=dvc_env(repo))
+    assert refused.returncode == 2 and "fold(s) [2]" in refused.stderr and "Traceback" not in refused.stderr
+    output = run(["dvc", "repro"], repo)
+    assert "removed" in output and sorted(p.name for p in models.glob("fold*")) == ["fold0", "fold1"]
+    oof = pd.read_parquet(repo / "work" / "preds" / "lcnet_050_oof.parquet")
+    assert sorted(oof["fold"].unique()) == [0, 1]
+
+
+def test_an_edit_to_training_code_retrains_every_fold(repo):
+    run(["dvc", "repro"], repo)  # up to date whatever ran before
+    engine = repo / "pipeline" / "engine.py"
+    engine.write_text(engine.read_text() + "\n# an edit: the epoch loop may behave differently now\n")
+    output = run(["dvc", "repro"], repo)
+    ran = stages_run(output)
+    backbones = yaml.safe_load((repo / "params.yaml").read_text())["backbones"]  # the fewer-folds test left one
+    assert {f"{stage}@{name}" for stage in ("tune", "train", "infer") for name in backbones} <= ran
+    assert not ran & {"eda", "folds"}  # they do not import the training code
+    assert "is up to date" in output  # prepare looked (it always does) and left the cache alone
+    # The models folder persists across runs, but no fold may be skipped as trained by the old code.
+    assert "already trained" not in output and "epoch 1/1" in output
