@@ -1,6 +1,6 @@
 """The study behind the defaults: each lever as one 5-fold CV of one backbone, with its wall time.
 
-    python benchmarks/study.py [--only NAME ...] [--list] [--work DIR] [--threads N]
+    python benchmarks/study.py [--only NAME ...] [--list] [--report] [--work DIR] [--threads N]
 
 Every entry of ``LEVERS`` is a list of dotted overrides on top of ``params.yaml`` (tuning off, so the
 figure is the setting's own); each runs prepare, folds and train in its own work directory under
@@ -113,20 +113,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="run these entries (again); default: those not yet measured")
     parser.add_argument("--list", action="store_true", help="list the entries and exit")
+    parser.add_argument("--report", action="store_true", help="only write the table and plot of what is measured")
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "study")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run (default 1)")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="the results file (another one lets two studies run side by side, one core each)")
     args = parser.parse_args()
     if args.list:
         for name, (changes, overrides) in LEVERS.items():
             print(f"{name:16} {changes}: {' '.join(overrides)}")
         return
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    names = args.only or [name for name in LEVERS if name not in results]
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    names = [] if args.report else args.only or [name for name in LEVERS if name not in results]
     for name in names:
         print(f"study: {name} ({LEVERS[name][0]}) ...", file=sys.stderr, flush=True)
         results[name] = run_lever(name, LEVERS[name][1], args.work, args.threads)
         print(f"study: {name}: {results[name]}", file=sys.stderr, flush=True)
-        write_json(RESULTS, results)
+        write_json(args.results, results)
     ordered = {name: results[name] for name in LEVERS if name in results}
     TABLE.write_text(table(ordered))
     save_figure(PLOT, plot(ordered))

@@ -54,7 +54,8 @@ def repo(tmp_path_factory):
     repo = copy_repository(tmp_path_factory.mktemp("experiments") / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     # One backbone: what is tested (the experiment commands, metrics and plots) is per backbone; half the time.
-    params["backbones"] = {"lcnet_050": params["backbones"]["lcnet_050"]}
+    # Without its own lr, so that the README's experiment (-S train.lr=0.01) changes what it trains.
+    params["backbones"] = {"lcnet_050": {}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "one backbone"], repo)
     run(["dvc", "exp", "run", "-n", "base"], repo)
