@@ -15,9 +15,9 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.errors import ConfigError  # noqa: F401 (re-exported: `from pipeline.config import ConfigError`)
 from pipeline.formula import check_formula
-from pipeline.sections import Ensemble, Infer, Section, Submit, Tune, TuneParam  # noqa: F401 (TuneParam re-exported)
 from pipeline.overrides import (  # noqa: F401 (parse_overrides, deep_merge and dump are re-exported)
     backbone_mapping, check_backbone_overrides, deep_merge, dump, load_model, parse_overrides, run_cli)
+from pipeline.sections import Ensemble, Infer, Section, Submit, Tune, TuneParam  # noqa: F401 (TuneParam re-exported)
 
 
 # A device name: `auto`, `cpu`, `cuda` or `cuda:N`.

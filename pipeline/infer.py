@@ -132,8 +132,16 @@ def trained_folds(cfg: Config, backbone: str) -> list[tuple[int, Path, str]]:
     return [(fold, folder, settings_key(tuned, backbone, data, fold)) for fold, folder in sorted(found.items())]
 
 
-def predict_refit(cfg: Config, backbone: str, cache: Cache, compose, device, amp, channels_last: bool) -> np.ndarray:
+def inference_device(cfg: Config, name: str | None = None):
+    """(device, autocast dtype, channels_last) that models predict with: on ``name`` (a device worker's own), else
+    on ``runtime.device``."""
+    device = resolve_device(name or cfg.runtime.device)
+    return device, autocast_dtype(cfg.runtime.amp, device), cfg.runtime.channels_last and device.type == "cuda"
+
+
+def predict_refit(cfg: Config, backbone: str, cache: Cache, compose) -> np.ndarray:
     """The full-data model's TTA'd test probabilities (``train.refit``), checked against the current settings."""
+    device, amp, channels_last = inference_device(cfg)
     tuned = tuned_config(cfg, backbone)
     path = layout.refit_dir(cfg, backbone) / layout.checkpoint_name("best")
     if not path.exists():
@@ -153,9 +161,7 @@ def predict_fold(device: str | None, cfg: Config, backbone: str, fold: int, path
                  validation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A fold model's TTA views of its validation images and of the test images, on ``device`` (None:
     ``runtime.device``; a device worker's own when ``train.devices`` names several)."""
-    device = resolve_device(device or cfg.runtime.device)
-    amp = autocast_dtype(cfg.runtime.amp, device)
-    channels_last = cfg.runtime.channels_last and device.type == "cuda"
+    device, amp, channels_last = inference_device(cfg, device)
     cache = Cache.open(cfg)
     compose = tta_transforms(cfg.infer.tta, cfg.data.size_hw)
     model, checkpoint = load_fold_model(path, cache.class_names, device)
@@ -174,8 +180,6 @@ def predict_fold(device: str | None, cfg: Config, backbone: str, fold: int, path
 
 def infer_backbone(cfg: Config, backbone: str) -> dict:
     cfg = cfg.for_backbone(backbone)
-    device = resolve_device(cfg.runtime.device)
-    amp = autocast_dtype(cfg.runtime.amp, device)
     cache = Cache.open(cfg)
     compose = tta_transforms(cfg.infer.tta, cfg.data.size_hw)
     names = view_names(compose, cfg.infer.tta)
@@ -188,7 +192,6 @@ def infer_backbone(cfg: Config, backbone: str) -> dict:
     fold_dirs = trained_folds(cfg, backbone)
     test_sum = np.zeros((len(names), len(test_table), len(cache.class_names)))
     oof_views = np.full((len(names), len(train_ids), len(cache.class_names)), np.nan)
-    channels_last = cfg.runtime.channels_last and device.type == "cuda"
     jobs = [(cfg, backbone, fold, fold_dir / layout.checkpoint_name(cfg.infer.checkpoint), expected_key,
              np.flatnonzero(fold_column == fold)) for fold, fold_dir, expected_key in fold_dirs]
     devices = resolve_devices(cfg.train.devices, cfg.runtime.device)
@@ -199,7 +202,7 @@ def infer_backbone(cfg: Config, backbone: str) -> dict:
     covered = ~np.isnan(oof_views[0, :, 0])
     test_proba = merge_views(test_sum / len(fold_dirs), cfg.infer.merge)
     if cfg.train.refit:
-        refit = predict_refit(cfg, backbone, cache, compose, device, amp, channels_last)
+        refit = predict_refit(cfg, backbone, cache, compose)
         test_proba = (1 - cfg.infer.refit_weight) * test_proba + cfg.infer.refit_weight * refit
     oof_proba = merge_views(oof_views[:, covered], cfg.infer.merge)
     y_true = labels[covered]

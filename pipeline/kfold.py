@@ -30,12 +30,12 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline import builders, distributed, layout, metrics, provenance
-from pipeline.devices import run_on_devices
 from pipeline.competition import encode_labels
 from pipeline.config import Config
-from pipeline.fold_store import FoldBuild, FoldProgress, FoldResult, FoldStore  # noqa: F401 (re-exported)
+from pipeline.devices import run_on_devices
 from pipeline.engine import autocast_dtype, predict_logits, resolve_device, seed_everything, train_one_epoch
 from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.fold_store import FoldBuild, FoldProgress, FoldResult, FoldStore  # noqa: F401 (re-exported)
 from pipeline.images import Cache
 from pipeline.models import Heads, create_model, set_backbone_frozen
 from pipeline.tables import read_folds
