@@ -46,6 +46,7 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "mnv3_small_100": ("mobilenetv3_small_100", ["backbones=[mobilenetv3_small_100]", "train.lr=0.003"]),
     "focal": ("focal loss", ["train.loss=focal"]),
     "ema": ("EMA of the weights", ["train.ema=true"]),
+    "ema99": ("EMA of the weights, decay 0.99", ["train.ema=true", "train.ema_decay=0.99"]),
     "resnet10t": ("resnet10t", ["backbones=[resnet10t]", "train.lr=0.003"]),
     "size160": ("160 px", ["data.image_size=160"]),
     "onecycle": ("one-cycle schedule", ["train.scheduler=onecycle"]),

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.artifacts import atomic_path
 from pipeline.errors import DataError
+from pipeline.models import Heads, ProbabilityModel, create_model
 
 
 NUMPY_ARRAY = "__numpy_array__"  # marks a NumPy array stored as a tensor, so that loading gives back an array
@@ -75,3 +76,18 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as error:  # a truncated or foreign file raises many types
         raise DataError(f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error)[:120]}); "
                         f"delete it and re-run train") from None
+
+
+def load_fold_model(path, class_names: list[str], device) -> tuple[ProbabilityModel, dict]:
+    """Rebuild a fold's model from its checkpoint alone (backbone, heads, channels, normalisation)."""
+    checkpoint = load_checkpoint(path)
+    heads = Heads.from_dict(checkpoint["heads"])
+    if heads.class_names != class_names:
+        raise DataError(f"checkpoint {path} was trained on classes {heads.class_names}, the cache has {class_names}: "
+                        f"re-run train")
+    model = create_model(checkpoint["backbone"], heads, checkpoint["in_chans"], checkpoint["mean"], checkpoint["std"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise DataError(f"checkpoint {path} does not fit its backbone ({str(error)[:160]}); re-run train") from None
+    return ProbabilityModel(model, heads).to(device), checkpoint

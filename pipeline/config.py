@@ -228,6 +228,12 @@ class Train(Section):
     """Train only these folds (none: all)."""
     refit: bool = False
     """After the folds, train one model on every training image for the folds' mean best epoch count."""
+    pseudo_label: bool = False
+    """A second round (self-training): each fold trains again with the test images its own first-round model
+    labels with probability >= `pseudo_threshold` (leak-free: no fold's validation images shaped its labels);
+    OOF, CV and infer use that round, and the first round's CV is reported beside it."""
+    pseudo_threshold: float = Field(default=0.9, gt=0, le=1)
+    """The least top-class probability of a test image taken as a pseudo-label."""
     loggers: list[Literal["dvclive", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["dvclive"])
     """Where every fold's per-epoch metrics go: `dvclive`, `tensorboard`, `wandb` (offline unless WANDB_MODE is set)."""
     wandb_project: str = "kaggle-image-pipeline"

@@ -23,7 +23,7 @@ import torch
 
 from pipeline import cli, layout, metrics
 from pipeline.artifacts import probability_table, write_csv, write_parquet
-from pipeline.checkpoints import load_checkpoint
+from pipeline.checkpoints import load_fold_model
 from pipeline.competition import encode_labels
 from pipeline.config import Config
 from pipeline.devices import resolve_devices, run_on_devices
@@ -31,8 +31,9 @@ from pipeline.engine import autocast, autocast_dtype, resolve_device, to_device
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import Cache, ImageDataset
 from pipeline.kfold import load_training_data, settings_key, tuned_config
+from pipeline.models import ProbabilityModel
+from pipeline.pseudo import pseudo_key
 from pipeline.refit import check_refit
-from pipeline.models import Heads, ProbabilityModel, create_model
 from pipeline.tables import read_folds
 
 
@@ -97,23 +98,9 @@ def merge_views(view_proba: np.ndarray, mode: str) -> np.ndarray:
     return merged / merged.sum(axis=1, keepdims=True)
 
 
-def load_fold_model(path, class_names: list[str], device) -> tuple[ProbabilityModel, dict]:
-    """Rebuild a fold's model from its checkpoint alone (backbone, heads, channels, normalisation)."""
-    checkpoint = load_checkpoint(path)
-    heads = Heads.from_dict(checkpoint["heads"])
-    if heads.class_names != class_names:
-        raise DataError(f"checkpoint {path} was trained on classes {heads.class_names}, the cache has {class_names}: "
-                        f"re-run train")
-    model = create_model(checkpoint["backbone"], heads, checkpoint["in_chans"], checkpoint["mean"], checkpoint["std"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise DataError(f"checkpoint {path} does not fit its backbone ({str(error)[:160]}); re-run train") from None
-    return ProbabilityModel(model, heads).to(device), checkpoint
-
-
 def trained_folds(cfg: Config, backbone: str) -> list[tuple[int, Path, str]]:
-    """(fold, folder, the settings key its checkpoint must carry) of each trained fold of the current folds.
+    """(fold, folder, the settings key its checkpoint must carry) of each trained fold of the current folds: round
+    two's (``models/<backbone>/pseudo``) when ``train.pseudo_label``, else the folds' own.
 
     A fold folder that the current folds.csv does not have (``folds.n_splits`` lowered) is refused: its
     model was trained on other folds and must not be averaged into the test predictions.
@@ -121,7 +108,8 @@ def trained_folds(cfg: Config, backbone: str) -> list[tuple[int, Path, str]]:
     tuned = tuned_config(cfg, backbone)
     data = load_training_data(tuned)
     current = set(np.unique(data.folds).tolist())
-    model_dir = layout.model_dir(cfg, backbone)
+    round_two = tuned.train.pseudo_label
+    model_dir = layout.pseudo_dir(cfg, backbone) if round_two else layout.model_dir(cfg, backbone)
     found = {int(p.name[4:]): p for p in model_dir.glob("fold*") if p.name[4:].isdigit()}
     stale = sorted(set(found) - current)
     if stale:
@@ -129,7 +117,10 @@ def trained_folds(cfg: Config, backbone: str) -> list[tuple[int, Path, str]]:
                         f"folds changed?): re-run train for {backbone}, which removes them")
     if not found:
         raise DataError(f"no trained folds in {model_dir}: run train for {backbone} first")
-    return [(fold, folder, settings_key(tuned, backbone, data, fold)) for fold, folder in sorted(found.items())]
+    keys = {fold: settings_key(tuned, backbone, data, fold) for fold in found}
+    if round_two:
+        keys = {fold: pseudo_key(key, tuned.train.pseudo_threshold) for fold, key in keys.items()}
+    return [(fold, folder, keys[fold]) for fold, folder in sorted(found.items())]
 
 
 def inference_device(cfg: Config, name: str | None = None):
@@ -190,6 +181,8 @@ def infer_backbone(cfg: Config, backbone: str) -> dict:
     fold_column = np.array([fold_of.get(i, -1) for i in train_ids])
     labels = encode_labels(train_table["target"], cache.class_names, "the cache")
     fold_dirs = trained_folds(cfg, backbone)
+    if cfg.train.pseudo_label:
+        print(f"[{backbone}] predicting with round two's models (train.pseudo_label)", file=sys.stderr)
     test_sum = np.zeros((len(names), len(test_table), len(cache.class_names)))
     oof_views = np.full((len(names), len(train_ids), len(cache.class_names)), np.nan)
     jobs = [(cfg, backbone, fold, fold_dir / layout.checkpoint_name(cfg.infer.checkpoint), expected_key,

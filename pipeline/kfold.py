@@ -106,7 +106,8 @@ def tuned_config(cfg: Config, backbone: str) -> Config:
 
 
 # Train keys that leave a fold's result alone: changing them must not retrain it.
-NOT_SETTINGS = {"folds", "loggers", "wandb_project", "devices"}
+# The pseudo-label keys shape the second round only, which is kept under a key of its own (pipeline.pseudo).
+NOT_SETTINGS = {"folds", "loggers", "wandb_project", "devices", "pseudo_label", "pseudo_threshold"}
 
 
 def settings_key(cfg: Config, backbone: str, data: TrainingData, fold: int) -> str:
@@ -173,20 +174,22 @@ def fold_indices(cfg: Config, data: TrainingData, fold: int, train_subset: int |
 
 def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_dir: Path | None, on_epoch=None,
                epochs: int | None = None, train_subset: int | None = None, open_loggers=None,
-               device: str | None = None) -> FoldResult:
+               device: str | None = None, key: str | None = None, label: str | None = None) -> FoldResult:
     """Train one fold; returns the best epoch's validation probabilities.
 
     ``out_dir`` (None: keep nothing on disk, as tuning trials do) receives best.pt, last.pt and done.json.
     ``on_epoch(epoch, score)`` is called after every validation, which is how Optuna prunes; it may raise to stop
     the fold. ``open_loggers(fold, resume)`` opens the loggers every epoch's metrics go to (``pipeline.loggers``;
-    None: none, as in tuning trials). ``device``: a device worker's own (None: ``runtime.device``).
+    None: none, as in tuning trials). ``device``: a device worker's own (None: ``runtime.device``). ``key``: the
+    settings key the fold is kept under and ``label`` its name in messages (None: ``settings_key`` and
+    ``[backbone] fold k``; a pseudo-label round passes its own).
     """
     epochs = epochs or cfg.train.epochs
-    label = f"[{backbone}] fold {fold}"
+    label = label or f"[{backbone}] fold {fold}"
     device = resolve_device(device or cfg.runtime.device)
     amp = autocast_dtype(cfg.runtime.amp, device)
     train_indices, validation_indices = fold_indices(cfg, data, fold, train_subset)
-    store = FoldStore(out_dir, settings_key(cfg, backbone, data, fold), label)
+    store = FoldStore(out_dir, key or settings_key(cfg, backbone, data, fold), label)
     done = store.finished()
     if done is not None:
         print(f"{label}: already trained (best {cfg.metric} {done['best_score']:.4f} at epoch "

@@ -155,6 +155,11 @@ def refit_dir(cfg: Config, backbone: str) -> Path:
     return model_dir(cfg, backbone) / "refit"
 
 
+def pseudo_dir(cfg: Config, backbone: str) -> Path:
+    """The second round's fold folders of ``train.pseudo_label`` (``pseudo/fold<k>``, inside the models folder)."""
+    return model_dir(cfg, backbone) / "pseudo"
+
+
 def checkpoint_name(which: str) -> str:
     """``best`` or ``last`` -> the checkpoint's file name in a fold folder."""
     return f"{which}.pt"

@@ -187,6 +187,6 @@ def train_record(report: dict) -> dict:
               **{f"oof_f1_{name}": value for name, value in oof["per_class_f1"].items()}}
     for fold in report["folds"]:
         record |= {f"fold{fold['fold']}_{metric}": fold[metric], f"fold{fold['fold']}_best_epoch": fold["best_epoch"]}
-    record |= {"refit_epochs": report["refit_epochs"]} if "refit_epochs" in report else {}
+    record |= {key: report[key] for key in ("refit_epochs", "round1_cv", "round1_cv_std") if key in report}
     return {f"{report['backbone']}_{key}": value for key, value in numbers_only(record).items()}
 

@@ -30,6 +30,7 @@ from pipeline.devices import resolve_devices
 from pipeline.errors import ConfigError
 from pipeline.kfold import cross_validate, load_training_data, tuned_config
 from pipeline.loggers import FOLD_FOLDERS, check_loggers, open_fold_loggers
+from pipeline.pseudo import check_pseudo, pseudo_round
 from pipeline.refit import refit_epochs, train_refit
 
 
@@ -69,8 +70,8 @@ def write_fold_curves(cfg: Config, backbone: str, results) -> None:
 def remove_stale_folds(cfg: Config, backbone: str, current: list[int]) -> None:
     """Delete the fold folders (models and fold logs) of folds the current folds.csv does not have: they were
     trained on another split and infer must never average them in."""
-    parents = [layout.model_dir(cfg, backbone), *(layout.fold_logs_dir(cfg, name, backbone)
-                                                  for name in FOLD_FOLDERS)]
+    parents = [layout.model_dir(cfg, backbone), layout.pseudo_dir(cfg, backbone),
+               *(layout.fold_logs_dir(cfg, name, backbone) for name in FOLD_FOLDERS)]
     for folder in [path for parent in parents for path in parent.glob("fold*")]:
         if folder.name[4:].isdigit() and int(folder.name[4:]) not in current:
             shutil.rmtree(folder)
@@ -94,6 +95,9 @@ def train_backbone(cfg: Config, backbone: str) -> dict:
     results = cross_validate(cfg, backbone, data, layout.model_dir(cfg, backbone), folds,
                              open_loggers=partial(open_fold_loggers, cfg, backbone),
                              devices=resolve_devices(cfg.train.devices, cfg.runtime.device))
+    round1 = None
+    if cfg.train.pseudo_label:  # round two: OOF, CV and infer use it
+        round1, results = results, pseudo_round(cfg, backbone, data, results)
     if cfg.train.refit:  # every rank trains it under torchrun
         refit_epochs_chosen = refit_epochs(results)
         train_refit(cfg, backbone, data, refit_epochs_chosen)
@@ -119,11 +123,17 @@ def train_backbone(cfg: Config, backbone: str) -> dict:
               "folds": per_fold}
     if cfg.train.refit:
         report["refit_epochs"] = refit_epochs_chosen
+    if round1 is not None:
+        round1_scores = np.array([r.best_score for r in round1])
+        report |= {"round1_cv": float(round1_scores.mean()), "round1_cv_std": float(round1_scores.std())}
+        print(f"[{backbone}] round 1 (without pseudo-labels) CV {cfg.metric} {report['round1_cv']:.4f} ± "
+              f"{report['round1_cv_std']:.4f}", file=sys.stderr)
     write_json(layout.train_metrics_file(cfg, backbone), metrics.train_record(report))
     save_figure(layout.confusion_file(cfg, backbone),
                 confusion_figure(y_true, proba.argmax(1), data.heads.class_names,
                                  f"{backbone} OOF ({cfg.metric} {report['cv']:.3f})"))
-    print(f"[{backbone}] CV {cfg.metric} {report['cv']:.4f} ± {report['cv_std']:.4f}; "
+    print(f"[{backbone}]{' round 2 (with pseudo-labels)' if round1 else ''} CV {cfg.metric} {report['cv']:.4f} ± "
+          f"{report['cv_std']:.4f}; "
           f"OOF accuracy {report['oof']['accuracy']:.4f}, log loss {report['oof']['log_loss']:.4f}", file=sys.stderr)
     return report
 
@@ -135,6 +145,7 @@ def main(cfg: Config, backbone: str | None = None) -> dict:
     names = [backbone] if backbone else list(cfg.backbones)
     for name in names:  # a logger set per backbone needs its package too
         check_loggers(cfg.for_backbone(name))
+        check_pseudo(cfg.for_backbone(name))
     return {name: train_backbone(cfg, name) for name in names}
 
 

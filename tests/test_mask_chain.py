@@ -8,7 +8,7 @@ from conftest import make_config, make_mask_competition
 
 from pipeline import ensemble, folds, infer, layout, prepare, submit, train
 from pipeline.images import Cache
-from pipeline.infer import load_fold_model
+from pipeline.checkpoints import load_fold_model
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,108 @@
+"""Pseudo-labelling (``train.pseudo_label``): a second round of training that adds confident test images.
+
+Round one is the ordinary k-fold training. For fold k, round two trains again on fold k's training rows plus the
+test images that fold k's own first-round model labels with a top-class probability of at least
+``train.pseudo_threshold`` (hard labels, listed in the fold folder's ``pseudo_labels.csv``), and validates on
+fold k's rows as before. Fold k's first-round model never trained on fold k's validation images, so nothing they
+hold reaches round two's fold k through its labels: the second round's OOF and CV are as honest as the first's,
+and train reports both (``cv`` and ``round1_cv``).
+
+The labels come from one plain forward pass of the fold's best.pt over the test images (no TTA). Round two is kept
+in ``models/<backbone>/pseudo/fold<k>`` under a key made from round one's (``pseudo_key``): a re-run skips it, a
+killed fold resumes, and turning the option off goes back to round one's models without training them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+
+from pipeline import builders, distributed, layout, provenance
+from pipeline.artifacts import write_csv
+from pipeline.checkpoints import load_fold_model
+from pipeline.config import Config
+from pipeline.engine import autocast_dtype, predict_logits, resolve_device
+from pipeline.errors import ConfigError
+from pipeline.fold_store import FoldResult
+from pipeline.images import Cache
+from pipeline.kfold import TrainingData, settings_key, train_fold
+from pipeline.models import Heads
+
+PSEUDO_FOLD = -1  # the fold number of pseudo-labelled rows: trained on by every fold, validated by none
+PSEUDO_LABELS = "pseudo_labels.csv"  # in a round-two fold folder: the test images it took (id, label, probability)
+
+
+def select_confident(proba: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices, class indices) of the rows whose top-class probability is at least ``threshold``."""
+    rows = np.flatnonzero(proba.max(axis=1) >= threshold)
+    return rows, proba[rows].argmax(axis=1)
+
+
+def head_targets(heads: Heads, classes: np.ndarray) -> np.ndarray:
+    """Each head's class index for submitted classes ``classes``: N x heads (the class itself with one head)."""
+    if heads.compose_index is None:
+        return np.asarray(classes).reshape(-1, 1)
+    return np.asarray(heads.compose_index, dtype=np.int64)[classes]
+
+
+def with_pseudo_rows(data: TrainingData, images: np.ndarray, ids: np.ndarray, classes: np.ndarray) -> TrainingData:
+    """``data`` and, after its rows, test images labelled ``classes`` in fold ``PSEUDO_FOLD``."""
+    return replace(data, images=np.concatenate([np.asarray(data.images), images]),
+                   ids=np.concatenate([data.ids, ids]),
+                   folds=np.concatenate([data.folds, np.full(len(ids), PSEUDO_FOLD, dtype=data.folds.dtype)]),
+                   targets=np.concatenate([data.targets, head_targets(data.heads, classes).astype(data.targets.dtype)]),
+                   labels=np.concatenate([data.labels, np.asarray(classes, dtype=data.labels.dtype)]))
+
+
+def pseudo_key(round1_key: str, threshold: float) -> str:
+    """Round two's settings key of a fold: round one's (the settings, images, folds and code of the model that made
+    the labels), the threshold, and this module's code."""
+    digest = hashlib.sha256(f"{threshold!r}\0{provenance.code_digest('pseudo')}".encode()).hexdigest()[:8]
+    return f"{round1_key}-pseudo-{digest}"
+
+
+def check_pseudo(cfg: Config) -> None:
+    if cfg.train.pseudo_label and cfg.data.aux_cols:
+        raise ConfigError(f"train.pseudo_label cannot be used with data.aux_cols {cfg.data.aux_cols}: the test images "
+                          f"have no labels for the auxiliary heads; set one of them off")
+
+
+def test_probabilities(cfg: Config, checkpoint, cache: Cache) -> np.ndarray:
+    """A fold model's class probabilities of every test image (one plain pass)."""
+    device = resolve_device(cfg.runtime.device)
+    model, _ = load_fold_model(checkpoint, cache.class_names, device)
+    loader = builders.make_eval_loader(cfg, cache.images("test"), np.arange(len(cache.table("test"))), device,
+                                       cfg.runtime.eval_batch_size)
+    proba = predict_logits(model, loader, device, amp=autocast_dtype(cfg.runtime.amp, device), desc="pseudo-labels")
+    return proba.numpy().astype(np.float64)
+
+
+def pseudo_round(cfg: Config, backbone: str, data: TrainingData, round1: list[FoldResult]) -> list[FoldResult]:
+    """Round two of each fold of ``round1``, in turn on ``runtime.device``; its FoldResults, in the same order."""
+    check_pseudo(cfg)
+    cache = Cache.open(cfg)
+    test_ids = cache.table("test")["id"].astype(str).to_numpy()
+    test_images = np.asarray(cache.images("test"))
+    threshold, class_names = cfg.train.pseudo_threshold, data.heads.class_names
+    results = []
+    for first in round1:
+        fold = first.fold
+        proba = test_probabilities(cfg, layout.fold_dir(cfg, backbone, fold) / layout.checkpoint_name("best"), cache)
+        rows, classes = select_confident(proba, threshold)
+        counts = np.bincount(classes, minlength=len(class_names))
+        print(f"[{backbone}] fold {fold} round 2: {len(rows)} of {len(test_ids)} test images pseudo-labelled by "
+              f"round 1's model (top probability >= {threshold}): "
+              + ", ".join(f"{name} {count}" for name, count in zip(class_names, counts)), file=sys.stderr)
+        folder = layout.pseudo_dir(cfg, backbone) / f"fold{fold}"
+        if distributed.is_main():  # under torchrun every rank labels the same images; rank 0 writes
+            write_csv(folder / PSEUDO_LABELS, pd.DataFrame({"id": test_ids[rows], "probability": proba[rows].max(1),
+                                                            "label": np.asarray(class_names)[classes]}))
+        fold_data = with_pseudo_rows(data, test_images[rows], test_ids[rows], classes)
+        key = pseudo_key(settings_key(cfg, backbone, data, fold), threshold)
+        results.append(train_fold(cfg, backbone, fold_data, fold, folder, key=key,
+                                  label=f"[{backbone}] fold {fold} round 2"))
+    return results
