@@ -15,7 +15,7 @@ OOF with ``metric``, accuracy and log loss next to every single model. ``ensembl
 auto`` takes the best OOF score; test labels are never read here. Every learnt combination (weights,
 Caruana, stacking, class offsets) is cross-fitted over the folds on OOF, so each OOF score is an honest
 estimate and ``auto`` compares like with like. With one backbone the ensemble is that model.
-``ensemble.class_offsets`` then shifts per-class log-probabilities of the chosen method. The math lives
+``ensemble.class_offsets`` shifts per-class log-probabilities of every method before ``auto`` chooses. The math lives
 in ``pipeline.voting`` and ``pipeline.blending``; this module only reads, checks, writes.
 """
 
@@ -325,14 +325,16 @@ def main(cfg: Config) -> dict:
     members = load_members(cfg, cache)
     results = run_methods(method_names, members, cfg.metric)
     table = score_table(members, results, cfg.metric)
-    methods = table[table["kind"] == "method"]
-    chosen = choose(cfg, results, dict(zip(methods["name"], methods[cfg.metric])))
-    table.loc[(table["kind"] == "method") & (table["name"] == chosen), "selected"] = "chosen"
-    choice = apply_offsets(cfg, members, chosen, results[chosen], class_names)
-    if choice.offsets is not None:
-        row = {"name": choice.method, "kind": "offsets", **score_row(cfg.metric, members.y_true, choice.oof),
-               "weights": "", "selected": "final"}
-        table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    # With class offsets every method is shifted (cross-fitted) before the choice: a method that offsets cannot move
+    # (hard voting) must not win on its score before them.
+    choices = {name: apply_offsets(cfg, members, name, result, class_names) for name, result in results.items()}
+    if cfg.ensemble.class_offsets:
+        rows = [{"name": c.method, "kind": "offsets", **score_row(cfg.metric, members.y_true, c.oof), "weights": "",
+                 "selected": ""} for c in choices.values()]
+        table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
+    final_scores = {name: metrics.score(cfg.metric, members.y_true, c.oof) for name, c in choices.items()}
+    choice = choices[choose(cfg, results, final_scores)]
+    table.loc[table["name"] == choice.method, "selected"] = "chosen"
     scores = summarise(table, choice, members, cfg.metric)
     write_outputs(cfg, members, choice, table, scores, class_names)
 

@@ -90,8 +90,9 @@ class Ensemble(Section):
     methods: list[str] = Field(
         default_factory=lambda: ["soft", "weighted", "hard", "geometric", "rank", "caruana", "stacking"])
     """Methods scored on OOF: `soft`, `weighted`, `hard`, `geometric`, `rank`, `caruana`, `stacking`."""
-    class_offsets: bool = False
-    """Fit per-class logit offsets for the metric on OOF and apply them to test."""
+    class_offsets: bool = True
+    """Fit per-class log-probability offsets for the metric on OOF (cross-fitted for the OOF score) and apply them to
+    test; every method is shifted before `auto` chooses."""
 
 
 class Submit(Section):

@@ -59,7 +59,7 @@ def build_work(cfg, tta_oof_for=("good",), seed: int = 0) -> dict:
 
 @pytest.fixture
 def work(tmp_path):
-    cfg = make_config(tmp_path / "work", "backbones=[good,noisy]")
+    cfg = make_config(tmp_path / "work", "backbones=[good,noisy]", "ensemble.class_offsets=false")
     return cfg, build_work(cfg)
 
 
@@ -134,8 +134,31 @@ def test_weighted_method_leans_on_the_good_member_and_offsets_are_reported(tmp_p
     assert "cross-fitted" in (cfg.path("ensemble") / "report.md").read_text()
 
 
+def test_with_offsets_auto_chooses_among_the_shifted_methods(tmp_path):
+    """Every method is shifted by its own cross-fitted offsets, and auto takes the best of those shifted scores."""
+    cfg = make_config(tmp_path / "work", "backbones=[good,noisy]", "ensemble.methods=[soft,hard,weighted]",
+                      "ensemble.class_offsets=true")
+    truth = build_work(cfg, seed=2)  # a draw where the best method before offsets is not the best after them
+    scores = ensemble.main(cfg)
+    report = pd.read_csv(cfg.path("ensemble") / "report.csv", keep_default_na=False)
+    shifted, unshifted = report[report["kind"] == "offsets"], report[report["kind"] == "method"]
+    assert sorted(shifted["name"]) == ["hard+offsets", "soft+offsets", "weighted+offsets"]
+    members = {name: pd.read_parquet(path).set_index("id").loc[truth["train_ids"], CLASSES].to_numpy()
+               for name, path in (("good", cfg.path("preds") / "good_oof.parquet"),
+                                  ("noisy", cfg.path("oof") / "noisy.parquet"))}
+    folds = np.arange(N_TRAIN) % cfg.folds.n_splits
+    soft = (members["good"] + members["noisy"]) / 2
+    soft_shifted = blending.cross_fit(lambda p, y: blending.fit_class_offsets(p, y, cfg.metric),
+                                      blending.apply_class_offsets, soft, truth["labels"], folds)
+    assert shifted.set_index("name").loc["soft+offsets", cfg.metric] == pytest.approx(
+        metrics.score(cfg.metric, truth["labels"], soft_shifted))
+    best = shifted.loc[shifted[cfg.metric].idxmax(), "name"]  # macro-F1: higher is better
+    assert best != unshifted.loc[unshifted[cfg.metric].idxmax(), "name"] + "+offsets"
+    assert scores["method"] == best == report.loc[report["selected"] == "chosen", "name"].item()
+
+
 def test_single_backbone_ensemble_is_that_model_aligned_by_id(tmp_path):
-    cfg = make_config(tmp_path / "work", "backbones=[good]")
+    cfg = make_config(tmp_path / "work", "backbones=[good]", "ensemble.class_offsets=false")
     truth = build_work(cfg, tta_oof_for=())
     scores = ensemble.main(cfg)
     member = pd.read_parquet(cfg.path("oof") / "good.parquet").set_index("id")
