@@ -53,6 +53,7 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "mixup": ("mixup 0.2", ["train.mixup=0.2"]),
     "lr12": ("lr 1.2e-2", ["train.lr=0.012"]),
     "ghostnet_050": ("ghostnet_050", ["backbones=[ghostnet_050]"]),
+    "pseudo": ("pseudo-labels, a second round (threshold 0.9)", ["train.pseudo_label=true"]),
 }
 
 
@@ -83,7 +84,8 @@ def run_lever(name: str, overrides: list[str], work: Path, threads: int) -> dict
             "cv_std": round(metrics["cv_std"], 4), "accuracy": round(metrics["oof_accuracy"], 4),
             "lowest_class_f1": round(min(per_class), 4),
             "best_epochs": [int(value) for key, value in metrics.items() if key.endswith("_best_epoch")],
-            "train_s": round(seconds["train"]), "train_cpu_s": round(cpu_seconds["train"]), "threads": threads}
+            "train_s": round(seconds["train"]), "train_cpu_s": round(cpu_seconds["train"]), "threads": threads,
+            **({"round1_cv": round(metrics["round1_cv"], 4)} if "round1_cv" in metrics else {})}
 
 
 def table(results: dict) -> str:
