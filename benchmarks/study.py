@@ -54,6 +54,8 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "lr12": ("lr 1.2e-2", ["train.lr=0.012"]),
     "ghostnet_050": ("ghostnet_050", ["backbones=[ghostnet_050]"]),
     "pseudo": ("pseudo-labels, a second round (threshold 0.9)", ["train.pseudo_label=true"]),
+    "pseudo060": ("pseudo-labels, a second round (threshold 0.6)",
+                  ["train.pseudo_label=true", "train.pseudo_threshold=0.6"]),
 }
 
 

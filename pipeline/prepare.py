@@ -44,22 +44,23 @@ CACHE_VERSION = 1
 
 
 def _digest(cfg: Config, competition: Competition, image_key) -> str:
-    """A digest of the settings, ids and labels, and ``image_key(path)`` of every image file."""
+    """A digest of the settings, ids and labels, and ``image_key(path)`` of every image file, in the tables' order."""
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_VERSION, list(cfg.data.size_hw), cfg.data.channels, competition.class_names,
                               competition.heads, competition.aux, competition.compose]).encode())
     for frame in (competition.train, competition.test):
         digest.update(frame.drop(columns="path").to_csv(index=False).encode())
         for path in frame["path"]:
-            digest.update(f"{path}|{image_key(path)}".encode())
+            digest.update(f"{image_key(path)}\n".encode())
     return digest.hexdigest()
 
 
 def fingerprint(cfg: Config, competition: Competition) -> str:
     """A digest of everything the cache depends on: settings, ids, labels and the image files' bytes.
 
-    The same on every machine with the same images, however they were copied (a teammate's clone
-    rebuilds the ELPV folder with new file times): a cache pulled from a DVC remote stays valid.
+    The same on every machine with the same images, wherever they lie and however they were copied (a teammate's
+    clone rebuilds the ELPV folder with new file times; a folder competition sits under another home directory; a
+    work directory is copied): a cache pulled from a DVC remote stays valid and no fold retrains.
     """
     def content(path) -> str:
         digest = hashlib.sha256()
@@ -76,7 +77,7 @@ def quick_key(cfg: Config, competition: Competition) -> str:
     where it spares reading every image when nothing was touched."""
     def stat(path) -> str:
         info = os.stat(path)
-        return f"{info.st_size}|{info.st_mtime_ns}"
+        return f"{path}|{info.st_size}|{info.st_mtime_ns}"
 
     return _digest(cfg, competition, stat)
 

@@ -82,6 +82,9 @@ def test_the_cache_follows_the_images_bytes_not_their_file_times(tmp_path, capsy
     prepare.main(cfg)
     assert "is up to date" in capsys.readouterr().err and {p.name: p.read_bytes() for p in cache.iterdir()} == built
     assert json.loads(note.read_text())["fingerprint"] == json.loads(built["meta.json"])["fingerprint"]
+    moved = shutil.copytree(comp, tmp_path / "another" / "home" / "comp")  # the same images where a teammate keeps them
+    prepare.main(folder_config(tmp_path, moved))
+    assert "is up to date" in capsys.readouterr().err and {p.name: p.read_bytes() for p in cache.iterdir()} == built
     with Image.open(images[0]) as image:
         Image.fromarray(255 - np.asarray(image)).save(images[0])  # other pixels, same id
     prepare.main(cfg)
