@@ -69,6 +69,9 @@ def children_cpu_seconds() -> float:
 def run_lever(name: str, overrides: list[str], work: Path, threads: int) -> dict:
     """prepare + folds + train of one entry in its own work dir; its CV figures and train's wall time."""
     settings = [*BASE, *overrides, *layout.overrides_under(work / name)]
+    # Read before the stages run: a params.yaml edited mid-study (a new key this process does not know) then stops
+    # the study before a lever's training, not after it.
+    cfg = load_config(ROOT / "params.yaml", settings)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     seconds, cpu_seconds = {}, {}
     for stage in ("prepare", "folds", "train"):
@@ -78,7 +81,6 @@ def run_lever(name: str, overrides: list[str], work: Path, threads: int) -> dict
         if result.returncode != 0:
             raise SystemExit(f"{name}: {stage} failed:\n{result.stderr[-3000:]}")
         seconds[stage], cpu_seconds[stage] = time.perf_counter() - started, children_cpu_seconds() - cpu_started
-    cfg = load_config(ROOT / "params.yaml", settings)
     metrics = json.loads(layout.train_metrics_file(cfg, next(iter(cfg.backbones))).read_text())
     metrics = {key.removeprefix(f"{next(iter(cfg.backbones))}_"): value for key, value in metrics.items()}
     per_class = [value for key, value in metrics.items() if key.startswith("oof_f1_")]
