@@ -54,6 +54,7 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "lr12": ("lr 1.2e-2", ["train.lr=0.012"]),
     "ghostnet_050": ("ghostnet_050", ["backbones=[ghostnet_050]"]),
     "pseudo": ("pseudo-labels, a second round (threshold 0.9)", ["train.pseudo_label=true"]),
+    "epochs30_lr12": ("30 epochs and lr 1.2e-2 together", ["train.epochs=30", "train.lr=0.012"]),
     "pseudo060": ("pseudo-labels, a second round (threshold 0.6)",
                   ["train.pseudo_label=true", "train.pseudo_threshold=0.6"]),
 }
@@ -123,7 +124,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "study")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run (default 1)")
     parser.add_argument("--results", type=Path, default=RESULTS,
-                        help="the results file (another one lets two studies run side by side, one core each)")
+                        help="the results file (another one lets two studies run side by side, one core each; merge "
+                             "it into benchmarks/study.json, then --report draws the plot)")
     args = parser.parse_args()
     if args.list:
         for name, (changes, overrides) in LEVERS.items():
@@ -138,7 +140,8 @@ def main() -> None:
         write_json(args.results, results)
     ordered = {name: results[name] for name in LEVERS if name in results}
     print(table(ordered))  # the table of docs/study.md
-    save_figure(PLOT, plot(ordered))
+    if args.results == RESULTS:  # a side study's partial results do not replace the plot of the whole
+        save_figure(PLOT, plot(ordered))
 
 
 if __name__ == "__main__":
