@@ -30,6 +30,7 @@ EDA_FIGURES = "figures"  # the report's PNGs, a folder of their own: what `dvc p
 FOLD_DONE = "done.json"
 FOLD_VALIDATION = "validation.npy"
 FOLD_LAST = "last.pt"
+FOLD_PSEUDO_LABELS = "pseudo_labels.csv"  # in a pseudo-label round's fold folder: the test images it took
 # Inside the ensemble folder.
 ENSEMBLE_OOF = "oof.parquet"
 ENSEMBLE_TEST = "test.parquet"
@@ -158,6 +159,10 @@ def refit_dir(cfg: Config, backbone: str) -> Path:
 def pseudo_dir(cfg: Config, backbone: str) -> Path:
     """The second round's fold folders of ``train.pseudo_label`` (``pseudo/fold<k>``, inside the models folder)."""
     return model_dir(cfg, backbone) / "pseudo"
+
+
+def pseudo_fold_dir(cfg: Config, backbone: str, fold: int) -> Path:
+    return pseudo_dir(cfg, backbone) / fold_dir(cfg, backbone, fold).name
 
 
 def checkpoint_name(which: str) -> str:

@@ -33,7 +33,6 @@ from pipeline.kfold import TrainingData, settings_key, train_fold
 from pipeline.models import Heads
 
 PSEUDO_FOLD = -1  # the fold number of pseudo-labelled rows: trained on by every fold, validated by none
-PSEUDO_LABELS = "pseudo_labels.csv"  # in a round-two fold folder: the test images it took (id, label, probability)
 
 
 def select_confident(proba: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -82,8 +81,8 @@ def test_probabilities(cfg: Config, checkpoint, cache: Cache) -> np.ndarray:
 
 
 def pseudo_round(cfg: Config, backbone: str, data: TrainingData, round1: list[FoldResult]) -> list[FoldResult]:
-    """Round two of each fold of ``round1``, in turn on ``runtime.device``; its FoldResults, in the same order."""
-    check_pseudo(cfg)
+    """Round two of each fold of ``round1``, in turn on ``runtime.device``; its FoldResults, in the same order
+    (train's main has run ``check_pseudo``)."""
     cache = Cache.open(cfg)
     test_ids = cache.table("test")["id"].astype(str).to_numpy()
     test_images = np.asarray(cache.images("test"))
@@ -97,10 +96,11 @@ def pseudo_round(cfg: Config, backbone: str, data: TrainingData, round1: list[Fo
         print(f"[{backbone}] fold {fold} round 2: {len(rows)} of {len(test_ids)} test images pseudo-labelled by "
               f"round 1's model (top probability >= {threshold}): "
               + ", ".join(f"{name} {count}" for name, count in zip(class_names, counts)), file=sys.stderr)
-        folder = layout.pseudo_dir(cfg, backbone) / f"fold{fold}"
+        folder = layout.pseudo_fold_dir(cfg, backbone, fold)
         if distributed.is_main():  # under torchrun every rank labels the same images; rank 0 writes
-            write_csv(folder / PSEUDO_LABELS, pd.DataFrame({"id": test_ids[rows], "probability": proba[rows].max(1),
-                                                            "label": np.asarray(class_names)[classes]}))
+            taken = pd.DataFrame({"id": test_ids[rows], "probability": proba[rows].max(1),
+                                  "label": np.asarray(class_names)[classes]})
+            write_csv(folder / layout.FOLD_PSEUDO_LABELS, taken)
         fold_data = with_pseudo_rows(data, test_images[rows], test_ids[rows], classes)
         key = pseudo_key(settings_key(cfg, backbone, data, fold), threshold)
         results.append(train_fold(cfg, backbone, fold_data, fold, folder, key=key,

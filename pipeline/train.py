@@ -79,6 +79,12 @@ def remove_stale_folds(cfg: Config, backbone: str, current: list[int]) -> None:
                   file=sys.stderr)
 
 
+def fold_mean_std(results) -> tuple[float, float]:
+    """The CV figure of a set of folds: the mean and standard deviation of their best scores."""
+    scores = np.array([result.best_score for result in results])
+    return float(scores.mean()), float(scores.std())
+
+
 def train_backbone(cfg: Config, backbone: str) -> dict:
     cfg = tuned_config(cfg, backbone)
     data = load_training_data(cfg)
@@ -115,17 +121,15 @@ def train_backbone(cfg: Config, backbone: str) -> dict:
     per_fold = [{"fold": r.fold, cfg.metric: r.best_score, "best_epoch": r.best_epoch + 1,
                  **metrics.summary(data.labels[r.validation_indices], r.validation_proba, data.heads.class_names)}
                 for r in results]
-    fold_scores = np.array([r.best_score for r in results])
-    report = {"backbone": backbone, "metric": cfg.metric,
-              "cv": float(fold_scores.mean()), "cv_std": float(fold_scores.std()),
+    cv, cv_std = fold_mean_std(results)
+    report = {"backbone": backbone, "metric": cfg.metric, "cv": cv, "cv_std": cv_std,
               "oof": metrics.summary(y_true, proba, data.heads.class_names) | {
                   cfg.metric: metrics.score(cfg.metric, y_true, proba)},
               "folds": per_fold}
     if cfg.train.refit:
         report["refit_epochs"] = refit_epochs_chosen
     if round1 is not None:
-        round1_scores = np.array([r.best_score for r in round1])
-        report |= {"round1_cv": float(round1_scores.mean()), "round1_cv_std": float(round1_scores.std())}
+        report["round1_cv"], report["round1_cv_std"] = fold_mean_std(round1)
         print(f"[{backbone}] round 1 (without pseudo-labels) CV {cfg.metric} {report['round1_cv']:.4f} ± "
               f"{report['round1_cv_std']:.4f}", file=sys.stderr)
     write_json(layout.train_metrics_file(cfg, backbone), metrics.train_record(report))

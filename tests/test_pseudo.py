@@ -17,7 +17,7 @@ from pipeline.errors import DataError
 from pipeline.images import Cache
 from pipeline.kfold import TrainingData, fold_indices
 from pipeline.models import Heads
-from pipeline.pseudo import PSEUDO_LABELS, head_targets, select_confident, with_pseudo_rows
+from pipeline.pseudo import head_targets, select_confident, with_pseudo_rows
 
 
 def test_select_confident_takes_rows_whose_top_probability_reaches_the_threshold():
@@ -83,14 +83,14 @@ def test_round_two_trains_on_each_folds_own_pseudo_labels_and_infer_uses_it(tmp_
     assert report["round1_cv"] == pytest.approx(round1["cv"])
     test_ids = Cache.open(cfg).table("test")["id"].astype(str).tolist()
     for fold in (0, 1):  # leak-free: fold k's labels are fold k's own first-round model's, which never saw fold k
-        labels = pd.read_csv(layout.pseudo_dir(cfg, "lcnet_050") / f"fold{fold}" / PSEUDO_LABELS)
+        labels = pd.read_csv(layout.pseudo_fold_dir(cfg, "lcnet_050", fold) / layout.FOLD_PSEUDO_LABELS)
         proba = fold_test_proba(cfg, fold)
         expected = np.flatnonzero(proba.max(1) >= threshold)
         assert labels["id"].tolist() == [test_ids[i] for i in expected] and len(expected) > 0
         np.testing.assert_allclose(labels["probability"], proba[expected].max(1), atol=1e-5)
         assert labels["label"].tolist() == [f"p{c}" for c in np.array(["000", "033", "067", "100"])[
             proba[expected].argmax(1)]]
-        assert (layout.pseudo_dir(cfg, "lcnet_050") / f"fold{fold}" / "best.pt").exists()
+        assert (layout.pseudo_fold_dir(cfg, "lcnet_050", fold) / "best.pt").exists()
     oof = pd.read_parquet(layout.oof_file(cfg, "lcnet_050"))
     assert sorted(oof["id"]) == sorted(Cache.open(cfg).table("train")["id"].astype(str))  # no test id, each once
     metrics = json.loads(layout.train_metrics_file(cfg, "lcnet_050").read_text())
