@@ -33,7 +33,7 @@ from pipeline.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "study.json"
 PLOT = ROOT / "docs" / "study.png"
-BASE = ["train.use_tuned=false", "backbones=[lcnet_050]", "train.lr=0.006"]
+BASE = ["train.use_tuned=false", "backbones=[lcnet_050]", "train.lr=0.006", "train.epochs=15"]
 
 # name -> (what it changes, overrides). The first is the reference the others change one thing of.
 LEVERS: dict[str, tuple[str, list[str]]] = {
@@ -57,6 +57,9 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "epochs30_lr12": ("30 epochs and lr 1.2e-2 together", ["train.epochs=30", "train.lr=0.012"]),
     "pseudo060": ("pseudo-labels, a second round (threshold 0.6)",
                   ["train.pseudo_label=true", "train.pseudo_threshold=0.6"]),
+    "bs16_lr12": ("batch 16 and lr 1.2e-2 (twice the steps of 15 epochs)", ["train.batch_size=16", "train.lr=0.012"]),
+    "mnv3_050_e30_lr12": ("mobilenetv3_small_050, 30 epochs, lr 1.2e-2",
+                          ["backbones=[mobilenetv3_small_050]", "train.epochs=30", "train.lr=0.012"]),
 }
 
 

@@ -151,11 +151,11 @@ class Folds(Section):
 class Train(Section):
     """One backbone's k-fold training."""
 
-    epochs: int = Field(default=15, ge=1)
+    epochs: int = Field(default=30, ge=1)
     """Epochs per fold."""
     batch_size: int = Field(default=32, ge=1)
     """Training batch size."""
-    lr: float = Field(default=3e-3, gt=0)
+    lr: float = Field(default=1.2e-2, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(default=0.05, ge=0)
     """Weight decay."""
@@ -268,7 +268,7 @@ class Config(Section):
     folds: Folds = Field(default_factory=Folds)
     # A mapping lets DVC track each backbone's parameters apart (`backbones.<name>`): changing one re-runs its stages.
     backbones: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"lcnet_050": {"lr": 0.006}, "mobilenetv3_small_050": {}})
+        default_factory=lambda: {"lcnet_050": {}, "mobilenetv3_small_050": {}})
     """timm backbones to train and ensemble: name -> its own `train.*` overrides ({} for none), or a list of names."""
     train: Train = Field(default_factory=Train)
     runtime: Runtime = Field(default_factory=Runtime)

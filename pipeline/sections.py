@@ -42,7 +42,7 @@ class TuneParam(Section):
 
 
 class Tune(Section):
-    enabled: bool = True
+    enabled: bool = False
     """Run the search (false: write an empty `best_params.yaml`)."""
     n_trials: int = Field(default=4, ge=0)
     """Trials added per run (0: no search)."""
