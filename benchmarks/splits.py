@@ -10,7 +10,8 @@ as a folder competition with other column names and string labels (read through
 
 Per run it prints the ensemble's CV (the cross-fitted OOF score that the leaderboard's ``cv``
 column holds), the Public and Private scores, the CV-test gap (CV minus the whole hidden test's
-score), and the whole hidden test's accuracy and macro-F1 (both halves of solution.csv together);
+score), and the whole hidden test's accuracy and macro-F1 (both halves of solution.csv together), of the
+submission and of each member alone (is the ensemble better than its best member on the test too?);
 then the mean and standard deviation over runs. The hidden labels are read here only to report
 these figures, never to choose anything. Results go to ``benchmarks/splits.json``.
 """
@@ -55,7 +56,8 @@ def run_chain(config: str, overrides: list[str], log: Path) -> float:
 
 
 def whole_test_scores(cfg: Config) -> dict:
-    """Accuracy and the metric of the submitted labels on every row of solution.csv (Public and Private)."""
+    """Accuracy and the metric on every row of solution.csv (Public and Private) of the submitted labels, and of
+    each member's own test predictions (its folds' TTA average, argmax): does the ensemble beat its best member?"""
     cache = layout.cache_dir(cfg)
     meta = json.loads((cache / layout.CACHE_META).read_text())
     id_col, target_col = meta["id_col"], meta["target_col"]
@@ -64,9 +66,22 @@ def whole_test_scores(cfg: Config) -> dict:
     lookup = {name: index for index, name in enumerate(meta["class_names"])}
     y_true = solution[target_col].map(lookup).to_numpy()
     predicted = submission.loc[solution.index, target_col].map(lookup).to_numpy()
-    one_hot = np.eye(len(lookup))[predicted]
-    return {"test_accuracy": metrics.accuracy(y_true, one_hot), "test_macro_f1": metrics.macro_f1(y_true, one_hot),
-            f"test_{cfg.metric}": metrics.score(cfg.metric, y_true, one_hot)}
+    scores = labels_scores(cfg.metric, y_true, predicted, len(lookup), "test")
+    for backbone in cfg.backbones:
+        member = pd.read_parquet(layout.preds_file(cfg, backbone)).astype({"id": str}).set_index("id")
+        member_labels = member.loc[solution.index, list(meta["class_names"])].to_numpy().argmax(1)
+        scores.update(labels_scores(cfg.metric, y_true, member_labels, len(lookup), f"{backbone}_test"))
+    for name in {"macro_f1", cfg.metric}:
+        scores[f"best_member_test_{name}"] = max(scores[f"{backbone}_test_{name}"] for backbone in cfg.backbones)
+    return scores
+
+
+def labels_scores(metric: str, y_true: np.ndarray, predicted: np.ndarray, n_classes: int, prefix: str) -> dict:
+    """Accuracy, macro-F1 and the competition's metric of hard labels, keyed ``<prefix>_<name>``."""
+    one_hot = np.eye(n_classes)[predicted]
+    return {f"{prefix}_accuracy": metrics.accuracy(y_true, one_hot),
+            f"{prefix}_macro_f1": metrics.macro_f1(y_true, one_hot),
+            f"{prefix}_{metric}": metrics.score(metric, y_true, one_hot)}
 
 
 def folder_copy(source: Path, target: Path) -> Path:
@@ -92,13 +107,14 @@ def one_run(name: str, config: str, overrides: list[str], out: Path) -> dict:
            **test, "gap": scores["cv"] - test[f"test_{cfg.metric}"], "method": method,
            "minutes": round(seconds / 60, 2), "log": str(log)}
     print(f"splits: {name}: CV {row['cv']:.4f} | Public {row['public']:.4f} | Private {row['private']:.4f} | "
-          f"whole test acc {row['test_accuracy']:.4f} macro-F1 {row['test_macro_f1']:.4f} | gap {row['gap']:+.4f} "
-          f"| {row['minutes']} min", file=sys.stderr)
+          f"whole test acc {row['test_accuracy']:.4f} macro-F1 {row['test_macro_f1']:.4f} (best member "
+          f"{row['best_member_test_macro_f1']:.4f}) | gap {row['gap']:+.4f} | {row['minutes']} min", file=sys.stderr)
     return row
 
 
 def table(rows: list[dict]) -> str:
-    columns = ["cv", "public", "private", "gap", "test_accuracy", "test_macro_f1", "minutes"]
+    columns = ["cv", "public", "private", "gap", "test_accuracy", "test_macro_f1", "best_member_test_macro_f1",
+               "minutes"]
     lines = ["| run | " + " | ".join(columns) + " | method |", "|---|" + "---|" * (len(columns) + 1)]
     lines += [f"| {r['run']} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + f" | {r['method']} |" for r in rows]
     frame = pd.DataFrame(rows)[columns]

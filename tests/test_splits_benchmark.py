@@ -19,7 +19,7 @@ from pipeline.layout import overrides_under  # noqa: E402
 
 
 def test_whole_test_scores_by_hand(tmp_path):
-    cfg = load_config(None, overrides_under(tmp_path))
+    cfg = load_config(None, [*overrides_under(tmp_path), "backbones=[lcnet_050,resnet10t]"])
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "meta.json").write_text(json.dumps({"id_col": "img", "target_col": "y", "class_names": ["a", "b"]}))
@@ -29,10 +29,21 @@ def test_whole_test_scores_by_hand(tmp_path):
     # Rows in another order than the solution's; 3 of 4 right, class b recalled once of twice.
     pd.DataFrame({"img": ["4", "3", "2", "1"], "y": ["a", "b", "a", "a"]}).to_csv(
         tmp_path / "submissions" / "submission.csv", index=False)
+    (tmp_path / "preds").mkdir()
+    pd.DataFrame({"id": ["2", "1", "4", "3"], "a": [0.9, 0.6, 0.7, 0.8], "b": [0.1, 0.4, 0.3, 0.2]}).to_parquet(
+        tmp_path / "preds" / "lcnet_050.parquet")
+    pd.DataFrame({"id": ["3", "4", "1", "2"], "a": [0.2, 0.4, 0.7, 0.5], "b": [0.8, 0.6, 0.3, 0.4]}).to_parquet(
+        tmp_path / "preds" / "resnet10t.parquet")
     scores = splits.whole_test_scores(cfg)
     assert scores["test_accuracy"] == pytest.approx(0.75)
     # F1(a) = 2*2/(2*2+1+0) = 0.8, F1(b) = 2*1/(2*1+0+1) = 2/3.
     assert scores["test_macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    # Each member alone, from its test probabilities (rows in yet another order): lcnet_050 says "a" everywhere
+    # (F1(a) = 2*2/(2*2+0+2) = 2/3, F1(b) = 0), resnet10t is right everywhere, so the best member beats the ensemble.
+    assert scores["lcnet_050_test_accuracy"] == pytest.approx(0.5)
+    assert scores["lcnet_050_test_macro_f1"] == pytest.approx(1 / 3)
+    assert scores["resnet10t_test_accuracy"] == scores["resnet10t_test_macro_f1"] == pytest.approx(1.0)
+    assert scores["best_member_test_macro_f1"] == pytest.approx(1.0)
 
 
 def test_folder_copy_renames_columns_and_labels(tmp_path):
