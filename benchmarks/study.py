@@ -60,6 +60,9 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "bs16_lr12": ("batch 16 and lr 1.2e-2 (twice the steps of 15 epochs)", ["train.batch_size=16", "train.lr=0.012"]),
     "mnv3_050_e30_lr12": ("mobilenetv3_small_050, 30 epochs, lr 1.2e-2",
                           ["backbones=[mobilenetv3_small_050]", "train.epochs=30", "train.lr=0.012"]),
+    "epochs60_lr12": ("60 epochs and lr 1.2e-2 (twice the default's epochs)", ["train.epochs=60", "train.lr=0.012"]),
+    "size128_e30_lr12": ("128 px, 30 epochs, lr 1.2e-2 (the default's schedule at a finer size)",
+                         ["data.image_size=128", "train.epochs=30", "train.lr=0.012"]),
 }
 
 
