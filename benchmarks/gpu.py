@@ -273,7 +273,7 @@ def elpv(scratch: Path, plan: Plan) -> dict:
     backbones = {b: json.loads(layout.train_metrics_file(cfg, b).read_text())[f"{b}_cv"] for b in cfg.backbones}
     return {"wall_s": wall, "stage_s": seconds, "epochs": plan.epochs, "folds": cfg.folds.n_splits,
             "image_size": list(cfg.data.size_hw), "metric": cfg.metric, "backbones_cv": backbones,
-            "cv": json.loads(layout.ensemble_scores_file(cfg).read_text())["oof_score"],
+            "cv": json.loads(layout.ensemble_scores_file(cfg).read_text())["ensemble_cv"],
             "public": board.get("public"), "private": board.get("private")}
 
 

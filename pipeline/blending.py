@@ -267,13 +267,14 @@ def fit_class_offsets(proba, y_true, metric: str = "macro_f1", n_rounds: int = 3
     grid = grid[np.argsort(np.abs(grid), kind="stable")]
     offsets = np.zeros(proba.shape[1])
     best = metrics.score(metric, y_true, proba)
+    log_proba = np.log(np.clip(proba, EPSILON, None))  # apply_class_offsets' first step, once
     for _ in range(n_rounds):
         improved = False
         for class_index in range(proba.shape[1]):
             for value in grid:
                 candidate = offsets.copy()
                 candidate[class_index] = value
-                candidate_score = metrics.score(metric, y_true, apply_class_offsets(proba, candidate))
+                candidate_score = metrics.score(metric, y_true, softmax_rows(log_proba + candidate))
                 if metrics.better(metric, candidate_score, best):
                     offsets, best, improved = candidate, candidate_score, True
         if not improved:

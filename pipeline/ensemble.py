@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import blending, cli, layout, metrics
+from pipeline import blending, cli, layout, metrics, selection
 from pipeline.artifacts import (
     probability_table,
     read_text_csv,
@@ -210,24 +210,25 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(table: pd.DataFrame, scores: dict, members: Members, cfg: Config, offsets_note: str) -> str:
+def report_markdown(table: pd.DataFrame, scores: dict, members: Members, cfg: Config, notes: str) -> str:
     how = ("the only model" if len(members.names) == 1 else
            f"auto: best OOF {scores['metric']} of the methods" if cfg.ensemble.method == "auto" else "fixed by config")
     sources = "\n".join(f"- {name}: {source}" for name, source in members.sources.items())
-    offsets_note = f"\n{offsets_note}\n" if offsets_note else ""
+    notes = f"\n{notes}\n" if notes else ""
     return f"""# Ensemble report
 
 Metric **{scores['metric']}** on {len(members.ids)} out-of-fold rows. Chosen: **{scores['method']}** ({how}; \
-test labels are never used). Ensemble OOF {scores['metric']} {scores['oof_score']:.4f}; best single model \
-{scores['best_single']} {scores['best_single_score']:.4f}; gain {scores['gain_over_best_single']:+.4f} \
-(positive is better).
+test labels are never used). **CV {scores['metric']} {scores['ensemble_cv']:.4f}**; the chosen method's OOF \
+{scores['oof_score']:.4f}; best single model {scores['best_single']} {scores['best_single_score']:.4f}; gain \
+{scores['gain_over_best_single']:+.4f} (positive is better).
 
 {markdown_table(table)}
 
-Every OOF score here is honest: `weighted`, `caruana` and `stacking` are cross-fitted (each fold blended by
-weights or a stacker fit on the other folds; the test uses weights fit on all OOF rows). `rank` is a score,
-not probabilities, and `hard` is one-hot: ignore their log loss.
-{offsets_note}
+Every OOF score here is cross-fitted, so each is honest on its own: `weighted`, `caruana` and `stacking` blend
+each fold by weights or a stacker fit on the other folds (the test uses weights fit on all OOF rows). The best of
+them is not: picking it on these rows is the optimism the nested CV removes. `rank` is a score, not probabilities,
+and `hard` is one-hot: ignore their log loss.
+{notes}
 OOF files used:
 
 {sources}
@@ -252,6 +253,9 @@ class Choice:
     offsets: np.ndarray | None
     score_before_offsets: float
     offsets_note: str = ""
+    cv: float = float("nan")  # the honest estimate of the test score: nested when auto chose (see nested_cv)
+    nested_choices: dict | None = None  # fold -> the method auto chose without it
+    cv_note: str = ""
 
 
 def score_table(members: Members, results: dict, metric: str) -> pd.DataFrame:
@@ -271,20 +275,43 @@ def apply_offsets(cfg: Config, members: Members, chosen: str, result: dict, clas
     choice = Choice(chosen, chosen, result["oof"], result["test"], result["weights"], None, before)
     if not cfg.ensemble.class_offsets:
         return choice
-    offsets = blending.fit_class_offsets(result["oof"], y_true, metric)
-    choice.method, choice.offsets = f"{chosen}+offsets", offsets
-    choice.oof = blending.cross_fit(lambda part, labels: blending.fit_class_offsets(part, labels, metric),
-                                    blending.apply_class_offsets, result["oof"], y_true, members.folds)
-    choice.test = blending.apply_class_offsets(result["test"], offsets)
+    shifted = selection.with_class_offsets(result, y_true, members.folds, metric)
+    choice.method, choice.offsets, choice.oof, choice.test = (f"{chosen}+offsets", shifted["offsets"], shifted["oof"],
+                                                              shifted["test"])
     choice.offsets_note = (
-        f"Class offsets {dict(zip(class_names, np.round(offsets, 3).tolist()))}: OOF {metric} {before:.4f} "
+        f"Class offsets {dict(zip(class_names, np.round(choice.offsets, 3).tolist()))}: OOF {metric} {before:.4f} "
         f"before, {metrics.score(metric, y_true, choice.oof):.4f} after, cross-fitted (each fold shifted by "
         f"offsets fit on the other folds), so the after-score is honest and may be lower.")
     return choice
 
 
+def nested_cv(cfg: Config, members: Members, method_names: list[str], choice: Choice) -> tuple[float, dict, str]:
+    """The honest CV of the submitted ensemble -> (score, {fold: method}, a note for the report).
+
+    A fixed method or a single model involves no choice, so its cross-fitted OOF score is the CV. ``auto`` is scored
+    nested (``selection.nested_choice``): each fold predicted by the method chosen and fit on the other folds."""
+    own = metrics.score(cfg.metric, members.y_true, choice.oof)
+    if len(members.names) == 1 or cfg.ensemble.method != "auto":
+        return own, {}, ""
+    n_folds = len(np.unique(members.folds))
+    if n_folds < selection.MIN_FOLDS:
+        return own, {}, (f"The choice among methods is not nested ({n_folds} folds; nesting needs "
+                         f"{selection.MIN_FOLDS}): CV is the chosen method's OOF score, optimistic by the choice.")
+    oof, chosen = selection.nested_choice(method_names, members.oof, members.y_true, members.folds, cfg.metric,
+                                          cfg.ensemble.class_offsets)
+    score = metrics.score(cfg.metric, members.y_true, oof)
+    suffix = "+offsets" if cfg.ensemble.class_offsets else ""
+    by_fold = ", ".join(f"fold {fold}: {name}{suffix}" for fold, name in chosen.items())
+    return score, {str(fold): f"{name}{suffix}" for fold, name in chosen.items()}, (
+        f"CV {cfg.metric} {score:.4f} is nested: each fold predicted by the method chosen and fit on the other folds "
+        f"alone ({by_fold}), as the test is by the method chosen on all of them. The chosen method's own OOF score "
+        f"{own:.4f} is optimistic by {own - score:+.4f}: it is the best of {len(method_names)} on the rows it is "
+        f"scored on.")
+
+
 def summarise(table: pd.DataFrame, choice: Choice, members: Members, metric: str) -> dict:
-    """The flat scores.json: the submitted OOF score against the best single model (gain > 0 is better)."""
+    """The flat scores.json: the honest CV, and the submitted OOF score against the best single model (gain > 0 is
+    better; both are OOF scores of a choice, the best single model's among members)."""
     singles = table[table["kind"] == "model"].to_dict("records")
     best = singles[0]
     for row in singles[1:]:
@@ -292,7 +319,8 @@ def summarise(table: pd.DataFrame, choice: Choice, members: Members, metric: str
             best = row
     oof_score = metrics.score(metric, members.y_true, choice.oof)
     sign = 1.0 if metrics.greater_is_better(metric) else -1.0
-    scores = {"method": choice.method, "metric": metric, "oof_score": oof_score, "best_single": best["name"],
+    scores = {"method": choice.method, "metric": metric, "ensemble_cv": choice.cv, "oof_score": oof_score,
+              "best_single": best["name"],
               "best_single_score": float(best[metric]),
               "gain_over_best_single": float(sign * (oof_score - best[metric]))}
     if choice.offsets is not None:
@@ -311,11 +339,13 @@ def write_outputs(cfg: Config, members: Members, choice: Choice, table: pd.DataF
         "members": members.names,
         "weights": None if choice.weights is None else dict(zip(members.names, choice.weights)),
         "class_offsets": None if choice.offsets is None else dict(zip(class_names, choice.offsets.tolist())),
-        "oof_sources": members.sources})
+        "nested_choices": choice.nested_choices, "oof_sources": members.sources})
     write_json(layout.ensemble_scores_file(cfg), metrics.numbers_only(scores))
     write_csv(out / layout.ENSEMBLE_TABLE, table)
     save_figure(out / layout.ENSEMBLE_CORRELATION, correlation_figure(members))
-    write_text(out / layout.ENSEMBLE_REPORT, report_markdown(table, scores, members, cfg, choice.offsets_note))
+    write_text(out / layout.ENSEMBLE_REPORT, report_markdown(table, scores, members, cfg,
+                                                                  "\n\n".join(filter(None, [choice.offsets_note,
+                                                                                             choice.cv_note]))))
 
 
 def main(cfg: Config) -> dict:
@@ -335,15 +365,17 @@ def main(cfg: Config) -> dict:
     final_scores = {name: metrics.score(cfg.metric, members.y_true, c.oof) for name, c in choices.items()}
     choice = choices[choose(cfg, results, final_scores)]
     table.loc[table["name"] == choice.method, "selected"] = "chosen"
+    choice.cv, choice.nested_choices, choice.cv_note = nested_cv(cfg, members, method_names, choice)
     scores = summarise(table, choice, members, cfg.metric)
     write_outputs(cfg, members, choice, table, scores, class_names)
 
     sources = "\n  ".join(f"{n}: {s}" for n, s in members.sources.items())
     with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
         print(f"ensemble: OOF files\n  {sources}\n{table.to_string(index=False)}", file=sys.stderr)
-    print(f"ensemble: chosen {choice.method} (OOF {scores['metric']} {scores['oof_score']:.4f}; best single "
-          f"{scores['best_single']} {scores['best_single_score']:.4f}, gain {scores['gain_over_best_single']:+.4f})"
-          + (f"\n{choice.offsets_note}" if choice.offsets_note else ""), file=sys.stderr)
+    print(f"ensemble: chosen {choice.method}, CV {scores['metric']} {scores['ensemble_cv']:.4f} (its OOF "
+          f"{scores['oof_score']:.4f}; best single {scores['best_single']} {scores['best_single_score']:.4f}, gain "
+          f"{scores['gain_over_best_single']:+.4f})"
+          + "".join(f"\n{note}" for note in (choice.offsets_note, choice.cv_note) if note), file=sys.stderr)
     return scores
 
 

@@ -262,7 +262,7 @@ def main(cfg: Config) -> dict:
     if weights.get("metric") != metric:
         raise DataError(f"the ensemble was scored with {weights.get('metric')} but the config's metric is "
                         f"{metric}: re-run ensemble")
-    method, cv = weights["method"], float(ensemble_scores["oof_score"])
+    method, cv = weights["method"], float(ensemble_scores["ensemble_cv"])
 
     proba = read_ensemble_test(cfg, cache, sample[id_col].tolist(), sample_path)
     submission = build_submission(sample, proba, class_names, kind, target_col)

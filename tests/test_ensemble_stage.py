@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import make_config
 
-from pipeline import blending, ensemble, metrics
+from pipeline import blending, ensemble, metrics, selection, submit
 from pipeline.artifacts import probability_table
 from pipeline.errors import ConfigError, DataError
 
@@ -95,6 +95,8 @@ def test_ensemble_writes_every_output_and_beats_the_best_single(work):
     markdown = (out / "report.md").read_text()
     assert all(f"| {name} |" in markdown for name in [*cfg.ensemble.methods, "good", "noisy"])
     assert "![OOF probability correlation](correlation.png)" in markdown
+    # Two folds leave one to choose on inside each: no nesting, and the report says the CV keeps the choice's optimism.
+    assert scores["ensemble_cv"] == scores["oof_score"] and "is not nested (2 folds" in markdown
 
     weights = json.loads((out / "weights.json").read_text())
     assert weights["members"] == ["good", "noisy"] and weights["method"] == scores["method"]
@@ -109,6 +111,7 @@ def test_weighted_method_leans_on_the_good_member_and_offsets_are_reported(tmp_p
     scores = ensemble.main(cfg)
     weights = json.loads((cfg.path("ensemble") / "weights.json").read_text())
     assert weights["selection"] == "fixed" and weights["base_method"] == "weighted"
+    assert weights["nested_choices"] == {} and scores["ensemble_cv"] == scores["oof_score"]  # nothing chosen
     assert weights["weights"]["good"] > weights["weights"]["noisy"]
     assert set(weights["class_offsets"]) == set(CLASSES)
     assert scores["method"] == "weighted+offsets"
@@ -155,6 +158,25 @@ def test_with_offsets_auto_chooses_among_the_shifted_methods(tmp_path):
     best = shifted.loc[shifted[cfg.metric].idxmax(), "name"]  # macro-F1: higher is better
     assert best != unshifted.loc[unshifted[cfg.metric].idxmax(), "name"] + "+offsets"
     assert scores["method"] == best == report.loc[report["selected"] == "chosen", "name"].item()
+
+
+def test_auto_reports_the_nested_cv_of_its_choice_and_submit_shows_it(tmp_path):
+    """With three folds and more, the CV of ``auto`` is nested: each fold predicted by the method chosen and fit on
+    the other folds alone. It is what the leaderboard's cv column holds."""
+    cfg = make_config(tmp_path / "work", "backbones=[weak,noisy]", "folds.n_splits=3", "ensemble.class_offsets=true")
+    truth = build_work(cfg, seed=3)  # two weak members: the methods differ, and so do the folds' choices
+    scores = ensemble.main(cfg)
+    members = np.stack([pd.read_parquet(cfg.path("oof") / f"{name}.parquet").set_index("id").loc[
+        truth["train_ids"], CLASSES].to_numpy() for name in ("weak", "noisy")])
+    oof, chosen = selection.nested_choice(list(cfg.ensemble.methods), members, truth["labels"],
+                                          np.arange(N_TRAIN) % 3, cfg.metric, class_offsets=True)
+    assert scores["ensemble_cv"] == pytest.approx(metrics.score(cfg.metric, truth["labels"], oof))
+    assert scores["ensemble_cv"] != pytest.approx(scores["oof_score"])
+    weights = json.loads((cfg.path("ensemble") / "weights.json").read_text())
+    assert weights["nested_choices"] == {str(fold): f"{name}+offsets" for fold, name in chosen.items()}
+    assert json.loads((cfg.path("metrics") / "ensemble.json").read_text())["ensemble_cv"] == scores["ensemble_cv"]
+    assert f"**CV {cfg.metric} {scores['ensemble_cv']:.4f}**" in (cfg.path("ensemble") / "report.md").read_text()
+    assert submit.main(cfg)["cv"] == scores["ensemble_cv"]
 
 
 def test_single_backbone_ensemble_is_that_model_aligned_by_id(tmp_path):

@@ -49,7 +49,7 @@ def build_work(tmp_path, *overrides, classes=CLASSES, sample=None, proba=PROBA):
     probability_table(np.array(IDS)[order], proba[order], classes).to_parquet(out / "test.parquet", index=False)
     scores = layout.ensemble_scores_file(cfg)
     scores.parent.mkdir(parents=True, exist_ok=True)
-    scores.write_text(json.dumps({"oof_score": 0.87654}))
+    scores.write_text(json.dumps({"ensemble_cv": 0.87654, "oof_score": 0.9}))
     (out / "weights.json").write_text(json.dumps({"members": ["good", "noisy"], "method": "weighted",
                                                   "metric": cfg.metric}))
     return cfg
