@@ -226,6 +226,7 @@ def progress(cfg: Config, backbone: str, orphan_check: bool):
 
 # ---------------------------------------------------------------- outputs
 
+UNTUNED_PLOT = "no_search.png"  # the plots folder's one figure when the search is off
 PLOTS = {  # file -> (Optuna's matplotlib plot, completed trials it needs)
     "history.png": ("plot_optimization_history", 1),
     "importances.png": ("plot_param_importances", 2),
@@ -309,10 +310,21 @@ def write_outputs(cfg: Config, backbone: str, study: optuna.Study) -> dict:
 
 
 def write_untuned(cfg: Config, backbone: str) -> dict:
-    """Tuning off: an empty best_params.yaml (DVC still gets its output; train uses its own values)."""
+    """Tuning off: an empty best_params.yaml (DVC still gets its output; train uses its own values) and, in the plots
+    folder, one figure that says so (``dvc plots show`` shows why there is no study; DVC warns on an empty folder)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     write_text(layout.best_params_file(cfg, backbone), "{}\n")
-    with atomic_dir(layout.tuning_plots_dir(cfg, backbone)):
-        pass  # no study, no plots: an empty folder, DVC's declared output
+    figure, axes = plt.subplots(figsize=(6, 1.2))
+    axes.axis("off")
+    own = cfg.for_backbone(backbone).train
+    axes.text(0.5, 0.5, f"{backbone}: no search (tune.enabled false or tune.n_trials 0)\ntrain uses its configured "
+              f"settings: lr {own.lr:g}, batch {own.batch_size}, {own.epochs} epochs", ha="center", va="center")
+    with atomic_dir(layout.tuning_plots_dir(cfg, backbone)) as temporary:
+        save_figure(temporary / UNTUNED_PLOT, figure)
     print(f"[{backbone}] tuning is off (tune.enabled false or tune.n_trials 0): empty best_params.yaml",
           file=sys.stderr)
     return {"trials": 0, "best_params": {}}

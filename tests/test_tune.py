@@ -122,6 +122,8 @@ def test_tuning_off_writes_empty_best_params(tmp_path):
     path = cfg.path("tuning") / BACKBONE / "best_params.yaml"
     assert yaml.safe_load(path.read_text()) == {}
     assert tuned_config(cfg, BACKBONE).train == cfg.train
+    # The plots folder (DVC's output) holds one figure saying why there is no study, not nothing.
+    assert [p.name for p in (cfg.path("plots") / "tuning" / BACKBONE).iterdir()] == [tune.UNTUNED_PLOT]
 
 
 def test_unreachable_storage_names_it_without_password(tmp_path, capsys):
