@@ -219,8 +219,8 @@ def report_markdown(table: pd.DataFrame, scores: dict, members: Members, cfg: Co
 
 Metric **{scores['metric']}** on {len(members.ids)} out-of-fold rows. Chosen: **{scores['method']}** ({how}; \
 test labels are never used). **CV {scores['metric']} {scores['ensemble_cv']:.4f}**; the chosen method's OOF \
-{scores['oof_score']:.4f}; best single model {scores['best_single']} {scores['best_single_score']:.4f}; gain \
-{scores['gain_over_best_single']:+.4f} (positive is better).
+{scores['oof_score']:.4f}; best single model {scores['best_single']} {scores['best_single_score']:.4f}; the CV's \
+gain over it {scores['gain_over_best_single']:+.4f} (positive is better).
 
 {markdown_table(table)}
 
@@ -310,8 +310,8 @@ def nested_cv(cfg: Config, members: Members, method_names: list[str], choice: Ch
 
 
 def summarise(table: pd.DataFrame, choice: Choice, members: Members, metric: str) -> dict:
-    """The flat scores.json: the honest CV, and the submitted OOF score against the best single model (gain > 0 is
-    better; both are OOF scores of a choice, the best single model's among members)."""
+    """The flat scores.json: the honest CV against the best single model's OOF score (gain > 0 is better), and the
+    chosen method's own OOF score."""
     singles = table[table["kind"] == "model"].to_dict("records")
     best = singles[0]
     for row in singles[1:]:
@@ -322,7 +322,7 @@ def summarise(table: pd.DataFrame, choice: Choice, members: Members, metric: str
     scores = {"method": choice.method, "metric": metric, "ensemble_cv": choice.cv, "oof_score": oof_score,
               "best_single": best["name"],
               "best_single_score": float(best[metric]),
-              "gain_over_best_single": float(sign * (oof_score - best[metric]))}
+              "gain_over_best_single": float(sign * (choice.cv - best[metric]))}
     if choice.offsets is not None:
         scores["oof_score_before_offsets"] = choice.score_before_offsets
     return scores
@@ -373,8 +373,8 @@ def main(cfg: Config) -> dict:
     with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
         print(f"ensemble: OOF files\n  {sources}\n{table.to_string(index=False)}", file=sys.stderr)
     print(f"ensemble: chosen {choice.method}, CV {scores['metric']} {scores['ensemble_cv']:.4f} (its OOF "
-          f"{scores['oof_score']:.4f}; best single {scores['best_single']} {scores['best_single_score']:.4f}, gain "
-          f"{scores['gain_over_best_single']:+.4f})"
+          f"{scores['oof_score']:.4f}; best single {scores['best_single']} {scores['best_single_score']:.4f}, "
+          f"CV's gain {scores['gain_over_best_single']:+.4f})"
           + "".join(f"\n{note}" for note in (choice.offsets_note, choice.cv_note) if note), file=sys.stderr)
     return scores
 

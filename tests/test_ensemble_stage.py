@@ -172,6 +172,8 @@ def test_auto_reports_the_nested_cv_of_its_choice_and_submit_shows_it(tmp_path):
                                           np.arange(N_TRAIN) % 3, cfg.metric, class_offsets=True)
     assert scores["ensemble_cv"] == pytest.approx(metrics.score(cfg.metric, truth["labels"], oof))
     assert scores["ensemble_cv"] != pytest.approx(scores["oof_score"])
+    # The gain over the best member is the honest CV's, not the chosen method's optimistic OOF score's.
+    assert scores["gain_over_best_single"] == pytest.approx(scores["ensemble_cv"] - scores["best_single_score"])
     weights = json.loads((cfg.path("ensemble") / "weights.json").read_text())
     assert weights["nested_choices"] == {str(fold): f"{name}+offsets" for fold, name in chosen.items()}
     assert json.loads((cfg.path("metrics") / "ensemble.json").read_text())["ensemble_cv"] == scores["ensemble_cv"]
