@@ -150,11 +150,12 @@ def score_row(metric: str, y_true, proba) -> dict:
 
 
 def run_methods(names: list[str], members: Members, metric: str) -> dict[str, dict]:
-    """Each method's {"oof", "test", "weights"}; with one member only the model itself."""
+    """Each method's {"oof", "test", "weights"} (the candidates ``selection.nested_choice`` scores too, before
+    offsets); with one member only the model itself."""
     if len(members.names) == 1:
         return {SINGLE: {"oof": members.oof[0], "test": members.test[0], "weights": [1.0]}}
-    return {name: blending.run_method(name, members.oof, members.y_true, members.folds, members.test, metric)
-            for name in names}
+    return selection.candidates(names, members.oof, members.y_true, members.folds, members.test, metric,
+                                class_offsets=False)
 
 
 def choose(cfg: Config, results: dict, method_scores: dict) -> str:
