@@ -158,12 +158,14 @@ def run_methods(names: list[str], members: Members, metric: str) -> dict[str, di
                                 class_offsets=False)
 
 
-def choose(cfg: Config, results: dict, method_scores: dict) -> str:
-    if SINGLE in results:
+def choose(cfg: Config, choices: dict, y_true) -> str:
+    """The submitted method: the only model, the configured one, or under auto the best (shifted) OOF score, by the
+    same rule the nested CV applies inside each fold (``selection.choose_best``)."""
+    if SINGLE in choices:
         return SINGLE
     if cfg.ensemble.method != "auto":
         return cfg.ensemble.method
-    return blending.select_best(method_scores, cfg.metric)
+    return selection.choose_best({name: {"oof": c.oof} for name, c in choices.items()}, y_true, cfg.metric)
 
 
 def format_weights(names: list[str], weights) -> str:
@@ -363,8 +365,7 @@ def main(cfg: Config) -> dict:
         rows = [{"name": c.method, "kind": "offsets", **score_row(cfg.metric, members.y_true, c.oof), "weights": "",
                  "selected": ""} for c in choices.values()]
         table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
-    final_scores = {name: metrics.score(cfg.metric, members.y_true, c.oof) for name, c in choices.items()}
-    choice = choices[choose(cfg, results, final_scores)]
+    choice = choices[choose(cfg, choices, members.y_true)]
     table.loc[table["name"] == choice.method, "selected"] = "chosen"
     choice.cv, choice.nested_choices, choice.cv_note = nested_cv(cfg, members, method_names, choice)
     scores = summarise(table, choice, members, cfg.metric)
