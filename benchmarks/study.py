@@ -63,6 +63,8 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "epochs60_lr12": ("60 epochs and lr 1.2e-2 (twice the default's epochs)", ["train.epochs=60", "train.lr=0.012"]),
     "size128_e30_lr12": ("128 px, 30 epochs, lr 1.2e-2 (the default's schedule at a finer size)",
                          ["data.image_size=128", "train.epochs=30", "train.lr=0.012"]),
+    "ema99_e30_lr12": ("EMA of the weights at decay 0.99 on the default's schedule (30 epochs, lr 1.2e-2)",
+                       ["train.epochs=30", "train.lr=0.012", "train.ema=true", "train.ema_decay=0.99"]),
 }
 
 
