@@ -67,7 +67,7 @@ def test_folder_copy_renames_columns_and_labels(tmp_path):
 def test_splits_runs_the_chain_on_a_seed_and_a_folder_copy(tmp_path):
     out = tmp_path / "splits.json"
     # One backbone, no search: what is tested here (the runs, their scores and the folder copy) is not per
-    # backbone (the members' own scores are tested by hand above), and it halves the time of two whole chains.
+    # backbone (the members' own scores are tested by hand above), and the two whole chains run in less time.
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "splits.py"), "--seeds", "3", "--folder-copy",
          "--config", str(ROOT / "configs" / "smoke.yaml"), "--work", str(tmp_path / "runs"), "--out", str(out),
