@@ -100,16 +100,22 @@ def run_lever(name: str, overrides: list[str], work: Path, threads: int) -> dict
     return {"changes": LEVERS[name][0], "overrides": overrides, "cv": round(metrics["cv"], 4),
             "cv_std": round(metrics["cv_std"], 4), "accuracy": round(metrics["oof_accuracy"], 4),
             "lowest_class_f1": round(min(per_class), 4), "fold_scores": fold_scores(metrics),
-            "best_epochs": [int(value) for key, value in metrics.items() if key.endswith("_best_epoch")],
+            "best_epochs": [int(value) for value in per_fold(metrics, "best_epoch")],
             "train_s": round(seconds["train"]), "train_cpu_s": round(cpu_seconds["train"]), "threads": threads,
             **({"round1_cv": round(metrics["round1_cv"], 4)} if "round1_cv" in metrics else {})}
 
 
-def fold_scores(metrics: dict) -> list[float]:
-    """Each fold's macro-F1, fold 0 first, from train's metrics (keys ``fold<k>_macro_f1``, backbone prefix off)."""
-    named = [key for key in metrics if key.startswith("fold") and key.endswith("_macro_f1")]
+def per_fold(metrics: dict, name: str) -> list[float]:
+    """Each fold's ``name`` (``macro_f1``, ``best_epoch``), fold 0 first, from train's metrics (keys
+    ``fold<k>_<name>``, as ``pipeline.metrics.train_record`` writes them, backbone prefix off)."""
+    named = [key for key in metrics if key.startswith("fold") and key.endswith(f"_{name}")]
     folds = sorted(int(key[4:].split("_")[0]) for key in named)
-    return [round(metrics[f"fold{fold}_macro_f1"], 4) for fold in folds]
+    return [metrics[f"fold{fold}_{name}"] for fold in folds]
+
+
+def fold_scores(metrics: dict) -> list[float]:
+    """Each fold's macro-F1, fold 0 first, to four decimals."""
+    return [round(value, 4) for value in per_fold(metrics, "macro_f1")]
 
 
 def paired(scores: list[float], base_scores: list[float]) -> dict:
