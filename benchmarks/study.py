@@ -69,6 +69,14 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                          ["data.image_size=128", "train.epochs=30", "train.lr=0.012"]),
     "ema99_e30_lr12": ("EMA of the weights at decay 0.99 on the default's schedule (30 epochs, lr 1.2e-2)",
                        ["train.epochs=30", "train.lr=0.012", "train.ema=true", "train.ema_decay=0.99"]),
+    "mnv3_075_e30_lr12": ("mobilenetv3_small_075 (1.5 times the width, 0.92 times the speed), 30 epochs, lr 1.2e-2",
+                          ["backbones=[mobilenetv3_small_075]", "train.epochs=30", "train.lr=0.012"]),
+    "lr24_e30": ("30 epochs and lr 2.4e-2 (twice the default's rate)", ["train.epochs=30", "train.lr=0.024"]),
+    "mnv4_050_e30_lr12": ("mobilenetv4_conv_small_050 (another family), 30 epochs, lr 1.2e-2",
+                          ["backbones=[mobilenetv4_conv_small_050]", "train.epochs=30", "train.lr=0.012"]),
+    "lessreg_e30_lr12": ("the default's schedule with less regularisation (weight decay 0.01, no label smoothing, no "
+                         "dropout)", ["train.epochs=30", "train.lr=0.012", "train.weight_decay=0.01",
+                                      "train.label_smoothing=0.0", "train.drop_rate=0.0"]),
 }
 
 
