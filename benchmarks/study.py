@@ -1,6 +1,6 @@
 """The study behind the defaults: each lever as one 5-fold CV of one backbone, with its CPU time.
 
-    python benchmarks/study.py [--only NAME ...] [--list] [--report] [--work DIR] [--threads N]
+    python benchmarks/study.py [--only NAME ...] [--list] [--report] [--merge FILE ...] [--work DIR] [--threads N]
 
 Every entry of ``LEVERS`` is a list of dotted overrides on top of ``params.yaml`` (tuning off, so the
 figure is the setting's own); each runs prepare, folds and train in its own work directory under
@@ -156,6 +156,18 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(results: dict, side_results: list[dict]) -> dict:
+    """``results`` with every entry of the side studies' results added; a side entry replaces one of the same name
+    (it is the newer run: ``--only`` re-runs an entry). Entries no longer in ``LEVERS`` are refused by name."""
+    merged_results = dict(results)
+    for side in side_results:
+        unknown = sorted(set(side) - set(LEVERS))
+        if unknown:
+            raise SystemExit(f"study: --merge: entries not in LEVERS: {', '.join(unknown)}")
+        merged_results.update(side)
+    return merged_results
+
+
 def plot(results: dict):
     import matplotlib
     matplotlib.use("Agg")
@@ -179,14 +191,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run (default 1)")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="the results file (another one lets two studies run side by side, one core each; merge "
-                             "it into benchmarks/study.json, then --report draws the plot)")
+                             "it into benchmarks/study.json with --merge)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="FILE",
+                        help="add the entries of side studies' results files to the results file, then report")
     args = parser.parse_args()
     if args.list:
         for name, (changes, overrides) in LEVERS.items():
             print(f"{name:16} {changes}: {' '.join(overrides)}")
         return
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
-    names = [] if args.report else args.only or [name for name in LEVERS if name not in results]
+    if args.merge:
+        results = merged(results, [json.loads(path.read_text()) for path in args.merge])
+        write_json(args.results, results)
+    names = [] if args.report or args.merge else args.only or [name for name in LEVERS if name not in results]
     for name in names:
         print(f"study: {name} ({LEVERS[name][0]}) ...", file=sys.stderr, flush=True)
         results[name] = run_lever(name, LEVERS[name][1], args.work, args.threads)

@@ -34,3 +34,12 @@ def test_the_table_pairs_each_lever_with_the_default_and_leaves_the_rest_unpaire
                "longer": {**row, "changes": "longer", "fold_scores": [0.52, 0.59, 0.43]}}
     lines = {line.split(" | ")[0][2:]: line.split(" | ")[2] for line in study.table(results).splitlines()[2:]}
     assert lines == {"old": "-", "default": "-", "longer": "+0.0133 ± 0.0208 (2/3 folds)"}
+
+
+def test_merge_adds_side_studies_and_the_newer_run_replaces_an_entry(tmp_path):
+    results = {"reference": {"cv": 0.4}, study.DEFAULT: {"cv": 0.5}}
+    found = study.merged(results, [{study.DEFAULT: {"cv": 0.51}}, {"epochs30": {"cv": 0.45}}])
+    assert found == {"reference": {"cv": 0.4}, study.DEFAULT: {"cv": 0.51}, "epochs30": {"cv": 0.45}}
+    assert results[study.DEFAULT] == {"cv": 0.5}  # the caller's dict is left as it was
+    with pytest.raises(SystemExit, match="not in LEVERS: nonsense"):
+        study.merged(results, [{"nonsense": {"cv": 0.9}}])
