@@ -77,6 +77,10 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "lessreg_e30_lr12": ("the default's schedule with less regularisation (weight decay 0.01, no label smoothing, no "
                          "dropout)", ["train.epochs=30", "train.lr=0.012", "train.weight_decay=0.01",
                                       "train.label_smoothing=0.0", "train.drop_rate=0.0"]),
+    "noaug_e30_lr12": ("the default's schedule without augmentation (`train.augment=none`)",
+                       ["train.epochs=30", "train.lr=0.012", "train.augment=none"]),
+    "sgd_e30": ("the default's schedule with SGD (Nesterov momentum 0.9, lr 0.1, weight decay 5e-4)",
+                ["train.epochs=30", "train.optimizer=sgd", "train.lr=0.1", "train.weight_decay=0.0005"]),
 }
 
 
