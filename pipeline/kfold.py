@@ -4,9 +4,9 @@ One fold is three parts, each readable alone:
 
 - ``build_fold``: the model, loss, optimizer, scheduler, EMA and mixup of the fold (``pipeline.builders``);
 - ``FoldStore`` (``pipeline.fold_store``): the fold's folder (``done.json`` and the validation probabilities when
-  finished, ``last.pt`` to resume, ``best.pt`` for infer). Tuning trials use ``FoldStore(None, ...)``, which
-  keeps nothing on disk;
-- ``train_fold``: the epoch loop (train one epoch, validate, remember the best, save, stop early).
+  finished, ``last.pt`` to resume, ``best.pt`` for infer: the epoch ``train.keep_epoch`` keeps). Tuning trials use
+  ``FoldStore(None, ...)``, which keeps nothing on disk;
+- ``train_fold``: the epoch loop (train one epoch, validate, remember the kept epoch, save, stop early).
 
 A fold that finished with the same settings is not trained again; a fold killed mid-way
 continues from last.pt (model, optimizer, scheduler, EMA, epoch); changed settings start the fold
@@ -175,7 +175,7 @@ def fold_indices(cfg: Config, data: TrainingData, fold: int, train_subset: int |
 def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_dir: Path | None, on_epoch=None,
                epochs: int | None = None, train_subset: int | None = None, open_loggers=None,
                device: str | None = None, key: str | None = None, label: str | None = None) -> FoldResult:
-    """Train one fold; returns the best epoch's validation probabilities.
+    """Train one fold; returns the kept epoch's validation probabilities (``train.keep_epoch``: the last or the best).
 
     ``out_dir`` (None: keep nothing on disk, as tuning trials do) receives best.pt, last.pt and done.json.
     ``on_epoch(epoch, score)`` is called after every validation, which is how Optuna prunes; it may raise to stop
@@ -260,12 +260,14 @@ def run_epoch(cfg: Config, build: FoldBuild, data: TrainingData, train_indices, 
 
 def score_epoch(cfg: Config, build: FoldBuild, progress: FoldProgress, y_true, proba, epoch: int,
                 train_loss: float, started: float) -> tuple[dict, bool]:
-    """Score the epoch's validation, step an epoch scheduler, update the best; returns (record, improved)."""
+    """Score the epoch's validation, step an epoch scheduler, update the kept epoch (every epoch when
+    ``train.keep_epoch`` is ``last``, else a better one); returns (record, improved)."""
     score = metrics.score(cfg.metric, y_true, proba)
     validation_loss = metrics.score("log_loss", y_true, proba)
     if build.scheduler is not None and not build.per_update:
         build.scheduler.step(epoch + 1, score if metrics.greater_is_better(cfg.metric) else -score)
-    improved = progress.best_score is None or metrics.better(cfg.metric, score, progress.best_score)
+    improved = (cfg.train.keep_epoch == "last" or progress.best_score is None
+                or metrics.better(cfg.metric, score, progress.best_score))
     if improved:
         progress.best_score, progress.best_epoch, progress.stale, progress.best_proba = score, epoch, 0, proba
     else:

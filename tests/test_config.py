@@ -42,6 +42,8 @@ def test_presets_list_only_what_they_change(path):
     ("data.source=folder", "data.dir"),
     ("backbones=[]", "backbones"),
     ("data.compose=mask*", "data.compose"),
+    ("train.patience=3", "train.keep_epoch: best"),  # early stopping needs a best epoch to wait for
+    ("train.keep_epoch=first", "train.keep_epoch"),
 ])
 def test_bad_values_name_their_key(override, named):
     with pytest.raises(ConfigError) as error:

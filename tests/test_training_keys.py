@@ -79,8 +79,24 @@ def test_patience_stops_at_the_epoch_it_names(prepared, tmp_path, monkeypatch):
     real = kfold.metrics.score
     monkeypatch.setattr(kfold.metrics, "score", lambda metric, y, p: next(scores) if metric == "macro_f1"
                         else real(metric, y, p))
-    _, _, result, _ = trained(prepared, tmp_path, "train.patience=2", "train.epochs=5", "train.warmup_epochs=0")
+    _, _, result, _ = trained(prepared, tmp_path, "train.patience=2", "train.keep_epoch=best", "train.epochs=5",
+                              "train.warmup_epochs=0")
     assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.best_epoch == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("keep", "epoch", "score"), [("best", 1, 0.9), ("last", 2, 0.4)])
+def test_keep_epoch_names_the_epoch_a_fold_keeps_and_scores(prepared, tmp_path, monkeypatch, keep, epoch, score):
+    scores = iter([0.5, 0.9, 0.4])  # the best at epoch 2 of 3 (index 1), the last lower
+    real = kfold.metrics.score
+    monkeypatch.setattr(kfold.metrics, "score", lambda metric, y, p: next(scores) if metric == "macro_f1"
+                        else real(metric, y, p))
+    _, _, result, last = trained(prepared, tmp_path, f"train.keep_epoch={keep}", "train.epochs=3")
+    kept = torch.load(tmp_path / "fold0" / "best.pt", weights_only=False)
+    assert (result.best_epoch, result.best_score, kept["epoch"]) == (epoch, score, epoch)
+    # what the fold scores as its OOF is what it keeps for infer: the last epoch's weights when keep_epoch is last
+    assert torch.equal(kept["model"]["backbone.conv_stem.weight"], last["model"]["backbone.conv_stem.weight"]) == (
+        keep == "last")
 
 
 @pytest.mark.slow
