@@ -43,7 +43,8 @@ def make_loss(cfg: Config, heads: Heads, targets: np.ndarray):
         # timm's Mixup already smooths the soft targets it makes; smoothing them again would double it.
         smoothing = 0.0 if (cfg.train.mixup or cfg.train.cutmix) else cfg.train.label_smoothing
         losses.append(build_loss("ce" if is_aux else cfg.train.loss, len(class_names), label_smoothing=smoothing,
-                                 focal_gamma=cfg.train.focal_gamma, focal_alpha=cfg.train.focal_alpha, weight=weight))
+                                 focal_gamma=cfg.train.focal_gamma, focal_alpha=cfg.train.focal_alpha, weight=weight,
+                                 ordinal_scale=cfg.train.ordinal_scale))
     head_count = len(heads.heads)
 
     def compute_loss(logits: torch.Tensor, batch_targets: torch.Tensor) -> torch.Tensor:

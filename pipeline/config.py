@@ -195,11 +195,14 @@ class Train(Section):
     backbone_lr_mult: float = Field(default=1.0, gt=0)
     """The backbone's learning rate as a multiple of `lr`."""
     loss: str = "ce"
-    """Loss: `ce`, `focal`, `f1` or `ce+f1`."""
+    """Loss: `ce`, `focal`, `f1`, `ce+f1` or `ordinal` (cross-entropy against soft ordinal targets, for classes that
+    are grades of one quantity, in the classes' order: numeric when the labels are numbers, else text)."""
     label_smoothing: float = Field(default=0.05, ge=0, lt=1)
     """Label smoothing of the cross-entropy losses."""
     focal_gamma: float = Field(default=2.0, ge=0)
     """Focusing exponent of the focal loss."""
+    ordinal_scale: float = Field(default=2.0, gt=0)
+    """Sharpness of the `ordinal` loss's targets: class y's target gives class c a share exp(-scale * (c - y)^2)."""
     focal_alpha: float | list[float] | None = None
     """Focal loss class weight: one float or one per class."""
     class_weights: bool = False

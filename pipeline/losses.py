@@ -128,6 +128,36 @@ class F1Loss(nn.Module):
         return 1.0 - f1[present].mean()
 
 
+def ordinal_kernel(n_classes: int, scale: float) -> torch.Tensor:
+    """Soft ordinal labels (SORD, Diaz and Marathe, CVPR 2019): row ``y`` is the target distribution of class ``y``,
+    ``softmax_c(-scale * (c - y)^2)``, so a class shares its target with its neighbours in class order and less with
+    classes further away; ``scale`` -> infinity gives one-hot rows. A C x C row-stochastic float32 matrix."""
+    ranks = torch.arange(n_classes, dtype=torch.float64)
+    return torch.softmax(-scale * (ranks[None, :] - ranks[:, None]) ** 2, dim=1).float()
+
+
+class OrdinalCrossEntropy(nn.Module):
+    """Cross-entropy against soft ordinal targets: the (smoothed) target distribution times :func:`ordinal_kernel`.
+
+    For classes that are grades of one quantity (defect levels, severity, age bands), so that calling a class its
+    neighbour costs less than calling it a distant one. Class weights weigh each class's term, as torch's
+    cross-entropy does for soft targets (mean over the batch)."""
+
+    def __init__(self, n_classes: int, scale: float, weight: torch.Tensor | None = None,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if scale <= 0:
+            raise ValueError(f"the ordinal scale must be > 0, got {scale}")
+        self.label_smoothing = float(label_smoothing)
+        self.register_buffer("kernel", ordinal_kernel(n_classes, scale))
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean ordinal cross-entropy of logits N x C against integer (N) or soft (N x C) targets."""
+        distribution = _target_distribution(targets, logits.shape[1], self.label_smoothing, self.kernel.dtype)
+        return F.cross_entropy(logits.float(), distribution @ self.kernel, weight=self.weight)
+
+
 class SumOfLosses(nn.Module):
     """Sum of several losses that share the same (logits, targets) call."""
 
@@ -169,22 +199,33 @@ def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> tor
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _build_cross_entropy(n_classes: int, label_smoothing: float, focal_gamma: float, focal_alpha, weight) -> nn.Module:
+def _build_cross_entropy(n_classes: int, label_smoothing: float, focal_gamma: float, focal_alpha, weight,
+                         ordinal_scale: float | None) -> nn.Module:
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
 
-def _build_focal(n_classes: int, label_smoothing: float, focal_gamma: float, focal_alpha, weight) -> nn.Module:
+def _build_focal(n_classes: int, label_smoothing: float, focal_gamma: float, focal_alpha, weight,
+                 ordinal_scale: float | None) -> nn.Module:
     return FocalLoss(gamma=focal_gamma, alpha=focal_alpha, weight=weight, label_smoothing=label_smoothing)
 
 
-def _build_f1(n_classes: int, label_smoothing: float, focal_gamma: float, focal_alpha, weight) -> nn.Module:
+def _build_f1(n_classes: int, label_smoothing: float, focal_gamma: float, focal_alpha, weight,
+              ordinal_scale: float | None) -> nn.Module:
     # Smoothing and class weights do not apply: macro-F1 already weighs every class equally.
     return F1Loss()
 
 
 def _build_cross_entropy_plus_f1(n_classes: int, label_smoothing: float, focal_gamma: float, focal_alpha,
-                                 weight) -> nn.Module:
-    return SumOfLosses(_build_cross_entropy(n_classes, label_smoothing, focal_gamma, focal_alpha, weight), F1Loss())
+                                 weight, ordinal_scale: float | None) -> nn.Module:
+    return SumOfLosses(_build_cross_entropy(n_classes, label_smoothing, focal_gamma, focal_alpha, weight,
+                                            ordinal_scale), F1Loss())
+
+
+def _build_ordinal(n_classes: int, label_smoothing: float, focal_gamma: float, focal_alpha, weight,
+                   ordinal_scale: float | None) -> nn.Module:
+    if ordinal_scale is None:
+        raise ValueError("the ordinal loss needs its ordinal_scale")
+    return OrdinalCrossEntropy(n_classes, ordinal_scale, weight=weight, label_smoothing=label_smoothing)
 
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {
@@ -192,6 +233,7 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
     "focal": _build_focal,
     "f1": _build_f1,
     "ce+f1": _build_cross_entropy_plus_f1,
+    "ordinal": _build_ordinal,
 }
 
 
@@ -202,6 +244,7 @@ def build_loss(
     focal_gamma: float = 2.0,
     focal_alpha: float | Sequence[float] | None = None,
     weight: torch.Tensor | None = None,
+    ordinal_scale: float | None = None,
 ) -> nn.Module:
     """Build the loss called ``name`` (one of ``LOSSES``); it accepts integer and soft targets."""
     if name not in LOSSES:
@@ -212,4 +255,4 @@ def build_loss(
             raise ValueError(f"weight must have shape ({n_classes},), got {tuple(weight.shape)}")
     if focal_alpha is not None and not isinstance(focal_alpha, (int, float)) and len(focal_alpha) != n_classes:
         raise ValueError(f"focal_alpha must be a float or have {n_classes} entries, got {len(focal_alpha)}")
-    return LOSSES[name](n_classes, label_smoothing, focal_gamma, focal_alpha, weight)
+    return LOSSES[name](n_classes, label_smoothing, focal_gamma, focal_alpha, weight, ordinal_scale)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.losses import LOSSES, F1Loss, FocalLoss, build_loss, class_weights
+from pipeline.losses import LOSSES, F1Loss, FocalLoss, build_loss, class_weights, ordinal_kernel
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -156,14 +156,14 @@ def test_every_loss_accepts_hard_and_soft_targets(name):
     one_hot = torch.nn.functional.one_hot
     soft = 0.7 * one_hot(hard, 4).float() + 0.3 * one_hot(hard.flip(0), 4).float()
     weight = torch.tensor([1.0, 2.0, 0.5, 1.0])
-    loss = build_loss(name, 4, label_smoothing=0.1, weight=weight)
+    loss = build_loss(name, 4, label_smoothing=0.1, weight=weight, ordinal_scale=2.0)
     for targets in (hard, soft):
         value = loss(logits, targets)
         assert value.ndim == 0 and torch.isfinite(value)
         value.backward()
     # Soft one-hot targets must give the same value as the equivalent integer targets.
     one_hot = torch.nn.functional.one_hot(hard, 4).float()
-    unweighted = build_loss(name, 4, label_smoothing=0.1)
+    unweighted = build_loss(name, 4, label_smoothing=0.1, ordinal_scale=2.0)
     assert unweighted(logits, one_hot).item() == pytest.approx(unweighted(logits, hard).item(), abs=1e-6)
 
 
@@ -181,3 +181,43 @@ def test_unknown_loss_name_lists_the_choices():
         build_loss("hinge", 3)
     for name in LOSSES:
         assert name in str(error.value)
+
+
+def test_ordinal_kernel_hand_computed():
+    # scale ln 2: a class d steps away gets exp(-ln2 * d^2) = 2^-(d^2) before normalising: 1, 1/2, 1/16.
+    # Row 0: [1, 1/2, 1/16] / (25/16) = [0.64, 0.32, 0.04]; row 1: [1/2, 1, 1/2] / 2 = [0.25, 0.5, 0.25].
+    kernel = ordinal_kernel(3, math.log(2))
+    assert kernel.tolist() == [pytest.approx(row, abs=1e-6) for row in
+                               ([0.64, 0.32, 0.04], [0.25, 0.5, 0.25], [0.04, 0.32, 0.64])]
+    assert torch.allclose(ordinal_kernel(4, 50.0), torch.eye(4))  # sharp: one-hot targets
+
+
+def test_ordinal_loss_hand_computed_and_costs_less_for_a_neighbour():
+    # 3 classes, scale ln 2, no smoothing, true class 0: target [0.64, 0.32, 0.04].
+    # Logits [0, 0, 0]: p = 1/3 each, loss = -log(1/3) = 1.098612 whatever the target.
+    # Logits [0, ln 2, 0]: p = [1/4, 1/2, 1/4];
+    # loss = -(0.64 log 0.25 + 0.32 log 0.5 + 0.04 log 0.25) = 0.68 * 1.386294 + 0.32 * 0.693147 = 1.164488.
+    loss = build_loss("ordinal", 3, ordinal_scale=math.log(2))
+    assert loss(torch.zeros(1, 3), torch.tensor([0])).item() == pytest.approx(1.098612, abs=1e-5)
+    assert loss(torch.tensor([[0.0, math.log(2), 0.0]]), torch.tensor([0])).item() == pytest.approx(1.164488, abs=1e-5)
+    # Confident in the neighbour (class 1) costs less than confident in the far class (2); plain CE charges both alike.
+    neighbour, far = torch.tensor([[0.0, 5.0, 0.0]]), torch.tensor([[0.0, 0.0, 5.0]])
+    assert loss(neighbour, torch.tensor([0])) < loss(far, torch.tensor([0]))
+    plain = build_loss("ce", 3)
+    assert plain(neighbour, torch.tensor([0])).item() == pytest.approx(plain(far, torch.tensor([0])).item())
+    with pytest.raises(ValueError, match="ordinal_scale"):
+        build_loss("ordinal", 3)
+
+
+def test_train_loss_ordinal_reaches_the_training_loss_with_its_scale(tmp_path):
+    # The config's loss and scale reach what training minimises: the hand-computed case above, through make_loss.
+    from conftest import make_config
+
+    from pipeline.builders import make_loss
+    from pipeline.models import Heads
+
+    cfg = make_config(tmp_path, "train.loss=ordinal", f"train.ordinal_scale={math.log(2)}", "train.label_smoothing=0")
+    heads = Heads(["a", "b", "c"], [("target", ["a", "b", "c"])])
+    compute_loss, _ = make_loss(cfg, heads, np.array([[0], [1], [2]]))
+    value = compute_loss(torch.tensor([[0.0, math.log(2), 0.0]]), torch.tensor([[0]]))
+    assert value.item() == pytest.approx(1.164488, abs=1e-5)
