@@ -83,6 +83,8 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                        ["train.epochs=30", "train.lr=0.012", "train.augment=none"]),
     "seed1_e30_lr12": ("the default's settings with another training seed (`train.seed=1`): the run-to-run noise",
                        ["train.epochs=30", "train.lr=0.012", "train.seed=1"]),
+    "seed2_e30_lr12": ("the default's settings with a third training seed (`train.seed=2`)",
+                       ["train.epochs=30", "train.lr=0.012", "train.seed=2"]),
     "sgd_e30": ("the default's schedule with SGD (Nesterov momentum 0.9, lr 0.1, weight decay 5e-4)",
                 ["train.epochs=30", "train.optimizer=sgd", "train.lr=0.1", "train.weight_decay=0.0005"]),
     "ordinal_e30_lr12": ("the default's schedule with the ordinal loss (`train.loss=ordinal`: soft targets shared "
