@@ -4,7 +4,7 @@
 
 A seed ensemble's figure from runs that already exist (the same recipe on other ``train.seed`` values, or other
 recipes), on the folds of ``folds.csv`` (id, label, fold). Per run and for the average it prints the CV (mean ± std,
-n-1, of the folds' scores, as train reports it) and the OOF accuracy. Equal weights are fit on nothing, so the
+population, of the folds' scores, as train reports it) and the OOF accuracy. Equal weights are fit on nothing, so the
 average's CV is as honest as its members' (each member's own epoch pick included). No test label is read.
 """
 
@@ -20,6 +20,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import metrics  # noqa: E402
+from pipeline.artifacts import read_text_csv  # noqa: E402
+from pipeline.errors import DataError  # noqa: E402
 
 
 def fold_cv(labels: np.ndarray, proba: np.ndarray, folds: np.ndarray, metric: str) -> tuple[float, float]:
@@ -37,7 +39,7 @@ def aligned(folds: pd.DataFrame, oofs: list[pd.DataFrame]) -> tuple[list[str], n
         by_id = oof.assign(id=oof["id"].astype(str)).set_index("id")
         missing = sorted(set(ids) - set(by_id.index))
         if missing or list(by_id.columns.drop("fold", errors="ignore")) != classes:
-            raise SystemExit(f"blend_runs: run {index + 1} lacks ids {missing[:5]} or has other classes than run 1")
+            raise DataError(f"run {index + 1} lacks ids {missing[:5]} or has other classes than run 1")
         probabilities.append(by_id.loc[ids, classes].to_numpy(dtype=float))
     labels = folds["label"].astype(str).map({name: i for i, name in enumerate(classes)}).to_numpy()
     return classes, labels, folds["fold"].to_numpy(), probabilities
@@ -49,8 +51,12 @@ def main() -> None:
     parser.add_argument("oofs", nargs="+", type=Path, help="oof/<backbone>.parquet of each run, on those folds")
     parser.add_argument("--metric", default="macro_f1")
     args = parser.parse_args()
-    _, labels, folds, probabilities = aligned(pd.read_csv(args.folds, dtype={"id": str}),
-                                              [pd.read_parquet(path) for path in args.oofs])
+    try:  # ids and labels as their exact text, as the pipeline reads folds.csv
+        folds_table = read_text_csv(args.folds, "folds file", "the folds stage").astype({"fold": int})
+        _, labels, folds, probabilities = aligned(folds_table, [pd.read_parquet(path) for path in args.oofs])
+    except DataError as error:
+        print(f"blend_runs: {error}", file=sys.stderr)
+        sys.exit(2)
     rows = [(str(path), proba) for path, proba in zip(args.oofs, probabilities)]
     rows.append((f"average of the {len(rows)}", np.mean(probabilities, axis=0)))
     print(f"| run | CV {args.metric} (mean ± std of folds) | OOF accuracy |")

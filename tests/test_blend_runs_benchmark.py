@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import blend_runs  # noqa: E402
 
+from pipeline.errors import DataError  # noqa: E402
+
 
 def test_fold_cv_by_hand():
     # fold 0: truth [0, 1], predicted [0, 1]: macro-F1 1; fold 1: truth [0, 1], predicted [0, 0]: F1 2/3 and 0 -> 1/3.
@@ -29,5 +31,5 @@ def test_runs_are_aligned_on_ids_and_averaged_rows_mix_them():
     assert first.tolist() == [[0.4, 0.6], [0.9, 0.1]] and second.tolist() == [[0.8, 0.2], [0.5, 0.5]]
     # id a: run 1 says p1 (0.6), run 2 says p0 (0.8): their mean [0.6, 0.4] says p0.
     assert np.mean([first, second], axis=0)[0].tolist() == pytest.approx([0.6, 0.4])
-    with pytest.raises(SystemExit, match="run 2 lacks ids"):
+    with pytest.raises(DataError, match="run 2 lacks ids"):
         blend_runs.aligned(folds, [run1, run2.iloc[:1]])
