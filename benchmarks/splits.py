@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline import layout, metrics  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 
-STAGES = ["prepare", "folds", "tune", "train", "infer", "ensemble", "submit"]
+STAGES = ["prepare", "folds", "tune", "train", "infer", "features", "ensemble", "submit"]
 # The folder copy renames everything a layout could silently depend on.
 FOLDER_LABELS = {"p000": "intact", "p033": "possibly defective", "p067": "likely defective", "p100": "defective"}
 FOLDER_COLUMNS = {"id": "cell_id", "defect": "defect_grade"}

@@ -17,12 +17,15 @@ from pipeline.errors import ConfigError  # noqa: F401 (re-exported: `from pipeli
 from pipeline.formula import check_formula
 from pipeline.overrides import (  # noqa: F401 (parse_overrides, deep_merge and dump are re-exported)
     backbone_mapping, check_backbone_overrides, deep_merge, dump, load_model, parse_overrides, run_cli)
-from pipeline.sections import Ensemble, Infer, Section, Submit, Tune, TuneParam  # noqa: F401 (TuneParam re-exported)
+from pipeline.sections import Ensemble, Features, Infer, Section, Submit, Tune, TuneParam  # noqa: F401 (TuneParam re-exported)
 
 
 # A device name: `auto`, `cpu`, `cuda` or `cuda:N`.
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 DeviceName = Annotated[str, Field(pattern=DEVICE_PATTERN)]
+
+
+FEATURES_MEMBER = "features"  # the features stage's member, named beside the backbones in the ensemble
 
 
 class Paths(Section):
@@ -55,6 +58,8 @@ class Paths(Section):
     """Relative to the current folder (the repository root), tracked by git: the metrics JSON that DVC shows."""
     plots: str = "plots"
     """What `dvc plots show` draws: the folds' curves, confusion matrices, Optuna's plots of each study."""
+    features: str = "features"
+    """features's member: `oof.parquet` and `test.parquet`, as train and infer write a backbone's."""
     ensemble: str = "ensemble"
     """ensemble's blended probabilities, weights, scores and report."""
     submissions: str = "submissions"
@@ -289,6 +294,7 @@ class Config(Section):
     runtime: Runtime = Field(default_factory=Runtime)
     tune: Tune = Field(default_factory=Tune)
     infer: Infer = Field(default_factory=Infer)
+    features: Features = Field(default_factory=Features)
     ensemble: Ensemble = Field(default_factory=Ensemble)
     submit: Submit = Field(default_factory=Submit)
 
@@ -300,6 +306,9 @@ class Config(Section):
     @model_validator(mode="after")
     def _backbone_overrides_are_train_keys(self):
         check_backbone_overrides(self.backbones, self.train)
+        if self.features.enabled and FEATURES_MEMBER in self.backbones:
+            raise ValueError(f"a backbone named {FEATURES_MEMBER!r} would share its files with the features member: "
+                             f"rename it, or set features.enabled: false")
         return self
 
     def with_train(self, values: dict) -> Config:

@@ -57,6 +57,16 @@ def oof_path(cfg: Config, backbone: str) -> tuple[Path, str]:
     return layout.oof_file(cfg, backbone), "train (no TTA)"
 
 
+def member_files(cfg: Config) -> dict[str, tuple[Path, str, Path]]:
+    """Each member's (OOF file, where it came from, test file): every backbone, then the features stage's member
+    when ``features.enabled``."""
+    files = {backbone: (*oof_path(cfg, backbone), layout.preds_file(cfg, backbone)) for backbone in cfg.backbones}
+    if cfg.features.enabled:
+        folder = layout.features_dir(cfg)
+        files[layout.FEATURES_MEMBER] = (folder / layout.FEATURES_OOF, "features", folder / layout.FEATURES_TEST)
+    return files
+
+
 @dataclass
 class Members:
     """Every backbone's OOF and test probabilities, aligned row for row by id."""
@@ -83,11 +93,11 @@ def load_members(cfg: Config, cache: Cache) -> Members:
     sample_ids = sample[id_col].tolist()
     oof_frames, test_frames, sources = [], [], {}
     reference_oof = reference_test = cache.folder / layout.CACHE_META
-    for backbone in cfg.backbones:
-        path, origin = oof_path(cfg, backbone)
+    files = member_files(cfg)
+    for backbone, (path, origin, test_path) in files.items():
         oof = read_probabilities(path, f"OOF of {backbone}", class_names, reference_oof, with_fold=True)
-        test_path = layout.preds_file(cfg, backbone)
-        test = read_probabilities(test_path, f"test predictions of {backbone} (run infer)", class_names,
+        maker = "features" if origin == "features" else "infer"
+        test = read_probabilities(test_path, f"test predictions of {backbone} (run {maker})", class_names,
                                   reference_test, with_fold=False)
         if oof_frames:
             fix = "re-run train and infer for every backbone on the same folds"
@@ -117,7 +127,7 @@ def load_members(cfg: Config, cache: Cache) -> Members:
               file=sys.stderr)
     ids = rows["id"].to_numpy()
     return Members(
-        names=list(cfg.backbones), sources=sources, ids=ids, folds=rows["fold"].to_numpy(),
+        names=list(files), sources=sources, ids=ids, folds=rows["fold"].to_numpy(),
         y_true=encode_labels(rows["label"], class_names, str(layout.folds_file(cfg))),
         oof=np.stack([f.set_index("id").loc[ids, class_names].to_numpy(float) for f in oof_frames]),
         test_ids=np.asarray(sample_ids),

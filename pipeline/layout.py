@@ -16,7 +16,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from pipeline.config import Config, Paths
+from pipeline.config import FEATURES_MEMBER, Config, Paths  # noqa: F401 (FEATURES_MEMBER re-exported)
 
 # Inside the image cache (prepare writes them into a temporary folder, then renames it).
 CACHE_META = "meta.json"
@@ -31,6 +31,10 @@ FOLD_DONE = "done.json"
 FOLD_VALIDATION = "validation.npy"
 FOLD_LAST = "last.pt"
 FOLD_PSEUDO_LABELS = "pseudo_labels.csv"  # in a pseudo-label round's fold folder: the test images it took
+# Inside the features folder.
+FEATURES_OOF = "oof.parquet"
+FEATURES_TEST = "test.parquet"
+FEATURES_NOTE = "disabled.txt"  # what the folder holds instead when features.enabled is false
 # Inside the ensemble folder.
 ENSEMBLE_OOF = "oof.parquet"
 ENSEMBLE_TEST = "test.parquet"
@@ -42,7 +46,7 @@ ENSEMBLE_CORRELATION = "correlation.png"
 ENSEMBLE_SCORES = "ensemble.json"
 SUBMISSION_SCORES = "submission.json"
 
-STAGES = ("prepare", "eda", "folds", "tune", "train", "infer", "ensemble", "submit")
+STAGES = ("prepare", "eda", "folds", "tune", "train", "infer", "features", "ensemble", "submit")
 PER_BACKBONE = ("tune", "train", "infer")  # dvc.yaml's foreach stages over `backbones`
 
 
@@ -218,6 +222,14 @@ def tta_file(cfg: Config, backbone: str) -> Path:
 
 # ---------------------------------------------------------------- ensemble, submit
 
+def features_dir(cfg: Config) -> Path:
+    return _under(cfg, "features")
+
+
+def features_metrics_file(cfg: Config) -> Path:
+    return metrics_dir(cfg) / f"{FEATURES_MEMBER}.json"
+
+
 def ensemble_dir(cfg: Config) -> Path:
     return _under(cfg, "ensemble")
 
@@ -255,7 +267,8 @@ def stage_inputs(cfg: Config, stage: str, backbone: str | None = None) -> list[P
         "tune": lambda: [cache, folds],
         "train": lambda: [cache, folds, tuning_dir(cfg, backbone)],
         "infer": lambda: [model_dir(cfg, backbone), cache, folds, tuning_dir(cfg, backbone)],
-        "ensemble": lambda: [_under(cfg, "preds"), _under(cfg, "oof"), folds, cache],
+        "features": lambda: [cache, folds],
+        "ensemble": lambda: [_under(cfg, "preds"), _under(cfg, "oof"), features_dir(cfg), folds, cache],
         "submit": lambda: [ensemble_dir(cfg) / ENSEMBLE_TEST, ensemble_scores_file(cfg),
                            ensemble_dir(cfg) / ENSEMBLE_WEIGHTS, cache],
     }
@@ -273,6 +286,7 @@ def stage_outputs(cfg: Config, stage: str, backbone: str | None = None) -> list[
         "train": lambda: [model_dir(cfg, backbone), oof_file(cfg, backbone), fold_curves_dir(cfg, backbone),
                           confusion_file(cfg, backbone), train_metrics_file(cfg, backbone)],
         "infer": lambda: [preds_file(cfg, backbone), preds_oof_file(cfg, backbone), tta_file(cfg, backbone)],
+        "features": lambda: [features_dir(cfg), features_metrics_file(cfg)],
         "ensemble": lambda: [*(ensemble / name for name in (ENSEMBLE_OOF, ENSEMBLE_TEST, ENSEMBLE_WEIGHTS,
                                                             ENSEMBLE_REPORT, ENSEMBLE_TABLE, ENSEMBLE_CORRELATION)),
                              ensemble_scores_file(cfg)],

@@ -84,6 +84,35 @@ class Infer(Section):
     """With `train.refit`: the full-data model's share of the test probabilities (the folds share the rest)."""
 
 
+class Features(Section):
+    """The features stage's member: k-means patch features of the cached images and a logistic regression per fold."""
+
+    enabled: bool = True
+    """Add the member to the ensemble (false: the stage writes only a note and the ensemble leaves it out)."""
+    clusters: int = Field(default=256, ge=2)
+    """Filters k-means learns (the features an image gets: 13 per filter)."""
+    patch: int = Field(default=6, ge=2)
+    """Side of a filter, in pixels of the cached images."""
+    stride: int = Field(default=1, ge=1)
+    """Step between the windows the filters read (2: a quarter of the time)."""
+    threshold: float = Field(default=0.5, ge=0)
+    """A filter's response counts above this (whitened units): `max(0, response - threshold)`."""
+    patches: int = Field(default=100000, ge=2)
+    """Random patches of the training images that k-means learns from."""
+    inverse_regularisation: float = Field(default=0.03, gt=0)
+    """scikit-learn's `C` of the logistic regression: smaller is a stronger L2 penalty."""
+    balance_power: float = Field(default=0.5, ge=0, le=1)
+    """Class weights `count**-power` in the regression (0: none, 1: balanced), as `train.balance_power` samples."""
+    seed: int = 0
+    """Seed of the patch sample and of k-means."""
+
+    @model_validator(mode="after")
+    def _enough_patches(self):
+        if self.patches < self.clusters:
+            raise ValueError(f"features.patches ({self.patches}) must be at least features.clusters ({self.clusters})")
+        return self
+
+
 class Ensemble(Section):
     method: str = "auto"
     """The method that makes the submission, or `auto`: the best on OOF."""

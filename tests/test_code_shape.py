@@ -11,7 +11,7 @@ import pytest
 from pipeline.provenance import direct_imports
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"prepare", "eda", "folds", "tune", "train", "infer", "ensemble", "submit"}
+STAGES = {"prepare", "eda", "folds", "tune", "train", "infer", "features", "ensemble", "submit"}
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 400
 

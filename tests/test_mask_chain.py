@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_config, make_mask_competition
 
-from pipeline import ensemble, folds, infer, layout, prepare, submit, train
+from pipeline import ensemble, features, folds, infer, layout, prepare, submit, train
 from pipeline.images import Cache
 from pipeline.checkpoints import load_fold_model
 
@@ -18,13 +18,14 @@ def test_prepare_to_submit_with_three_heads(tmp_path):
     cfg = make_config(tmp_path / "work", "data.source=folder", f"data.dir={competition}", "data.layout=mask",
                       "data.head_cols=[mask,gender,age]", "data.compose='mask*6 + gender*3 + age'",
                       "data.channels=3", "data.image_size=24", "backbones=[lcnet_050]", "infer.tta=[]",
-                      "train.epochs=2")
+                      "train.epochs=2", "features.enabled=false")
     prepare.main(cfg)
     folds.main(cfg)
     fold_table = pd.read_csv(layout.folds_file(cfg), dtype=str)
     assert fold_table.groupby("group")["fold"].nunique().max() == 1  # a person never straddles two folds
     train.main(cfg)
     infer.main(cfg)
+    features.main(cfg)
     ensemble.main(cfg)
     result = submit.main(cfg)
 

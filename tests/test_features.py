@@ -1,0 +1,140 @@
+"""The features stage: its math by hand, its cross-fitting, and the stage on the smoke competition."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import ensemble, features, folds, layout, prepare
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+
+
+def test_normalise_patches_by_hand():
+    # [0, 1]: mean 0.5, std 0.5 -> (-0.5, 0.5) / (0.5 + 0.1)
+    np.testing.assert_allclose(features.normalise_patches(np.array([[0.0, 1.0]])), [[-0.5 / 0.6, 0.5 / 0.6]])
+
+
+def test_zca_matrix_by_hand():
+    # rows (+-2, 0) and (0, +-1): covariance diag(8/3, 2/3) (n - 1 = 3),
+    # so W = diag(1/sqrt(8/3 + 0.1), 1/sqrt(2/3 + 0.1))
+    patches = np.array([[2.0, 0], [-2, 0], [0, 1], [0, -1]])
+    np.testing.assert_allclose(features.zca_matrix(patches), np.diag([(8 / 3 + 0.1) ** -0.5, (2 / 3 + 0.1) ** -0.5]),
+                               atol=1e-12)
+
+
+def test_encode_by_hand():
+    """A 3x3 image with a bright middle column, one 2x2 filter (left minus right): windows (0,1) and (1,1) read
+    [[1,0],[1,0]]: mean 0.5, std 0.5, response 2 / 0.6, minus threshold 0.5 -> 2.8333; windows (0,0) and (1,0) read
+    the mirror image and respond negatively -> 0. Adaptive pooling of the 2x2 map to 3x3 averages columns {0}, {0, 1},
+    {1} -> 0, 1.4167, 2.8333 in every row; its 2x2 maxima are the map itself."""
+    image = np.array([[0, 255, 0]] * 3, dtype=np.uint8)[None, :, :, None]
+    active = 2 / 0.6 - 0.5
+    expected = [0, active / 2, active] * 3 + [0, active, 0, active]
+    left_minus_right = torch.tensor([[[[1.0, -1.0], [1.0, -1.0]]]])
+    np.testing.assert_allclose(features.encode(image, left_minus_right, 1, 0.5), [expected], rtol=1e-5)
+    # the response reads the patch minus its mean: a filter's own mean changes nothing
+    np.testing.assert_allclose(features.encode(image, left_minus_right + 1.0, 1, 0.5), [expected], rtol=1e-5)
+    # stride 2 reads window (0,0) alone: a negative response, every feature 0
+    np.testing.assert_allclose(features.encode(image, left_minus_right, 2, 0.5), [[0.0] * 13], atol=1e-6)
+
+
+def test_learned_filters_have_the_images_channels_and_shape():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(10, 12, 12, 3), dtype=np.uint8)
+    filters = features.learn_filters(images, clusters=4, patch=3, count=200, seed=0)
+    assert filters.shape == (4, 3, 3, 3)
+    assert features.encode(images, filters, 1, 0.5).shape == (10, 4 * 13)
+
+
+def test_class_weights_by_hand():
+    labels = np.array([0, 0, 0, 0, 1])
+    # power 1: 1/4 and 1, scaled to mean 1 over the labels: (4 * 0.25 + 1) / 5 = 0.4 -> 0.625, 2.5
+    assert features.class_weights(labels, 3, 1.0) == pytest.approx({0: 0.625, 1: 2.5})
+    # power 0.5: 1/2 and 1, mean (4 * 0.5 + 1) / 5 = 0.6; class 2 is absent and gets no weight
+    assert features.class_weights(labels, 3, 0.5) == pytest.approx({0: 0.5 / 0.6, 1: 1 / 0.6})
+
+
+def test_cross_fit_never_predicts_a_row_with_a_model_that_saw_it():
+    """Each row has a feature of its own (an identity matrix) and a random label: a model that saw the row
+    memorises it, one that did not can only guess. The OOF must guess."""
+    rng = np.random.default_rng(0)
+    n = 60
+    labels = rng.integers(0, 2, n)
+    row_folds = np.arange(n) % 3
+    x = np.eye(n)
+    oof, test, fold_rows = features.cross_fit(x, labels, row_folds, x[:5], 2, inverse_regularisation=100.0,
+                                              balance_power=0.0)
+    memorised = features.fit_predict(x, labels, [x], 2, 100.0, 0.0)[0]
+    assert (memorised.argmax(1) == labels).mean() == 1.0
+    assert (oof.argmax(1) == labels).mean() < 0.75
+    np.testing.assert_allclose(oof.sum(1), 1.0)
+    assert sorted(np.concatenate([rows for _, rows in fold_rows]).tolist()) == list(range(n))
+    # the test rows are the folds' models averaged: rows 0-4 were memorised by the two folds that trained on each
+    assert test.shape == (5, 2) and np.allclose(test.sum(1), 1.0)
+
+
+def test_cross_fit_learns_a_separable_problem():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1, 2], 30)
+    x = np.eye(3)[labels] * 3 + rng.normal(scale=0.5, size=(90, 3))
+    oof, _, _ = features.cross_fit(x, labels, np.arange(90) % 5, x[:3], 3, 1.0, 0.5)
+    assert (oof.argmax(1) == labels).mean() > 0.95
+
+
+def test_a_backbone_named_like_the_member_is_refused():
+    with pytest.raises(ConfigError, match="features"):
+        load_config(None, ["backbones=[features]"])
+    assert "features" in load_config(None, ["backbones=[features]", "features.enabled=false"]).backbones
+
+
+@pytest.fixture
+def smoke_work(smoke_config):
+    cfg = smoke_config()
+    prepare.main(cfg)
+    folds.main(cfg)
+    return cfg
+
+
+def test_the_stage_writes_a_member_the_ensemble_reads(smoke_work, smoke_config):
+    cfg = smoke_work
+    result = features.main(cfg)
+    folder = layout.features_dir(cfg)
+    oof = pd.read_parquet(folder / layout.FEATURES_OOF)
+    test = pd.read_parquet(folder / layout.FEATURES_TEST)
+    folds_table = pd.read_csv(layout.folds_file(cfg), dtype=str)
+    classes = [c for c in oof.columns if c not in ("id", "fold")]
+    assert sorted(oof["id"]) == sorted(folds_table["id"]) and oof["id"].is_unique
+    assert (oof.set_index("id")["fold"].astype(str) == folds_table.set_index("id")["fold"]).all()
+    np.testing.assert_allclose(oof[classes].sum(1), 1.0)
+    np.testing.assert_allclose(test[classes].sum(1), 1.0)
+    sample = pd.read_csv(layout.cache_dir(cfg) / layout.CACHE_SAMPLE_SUBMISSION, dtype=str)
+    assert sorted(test["id"]) == sorted(sample.iloc[:, 0])
+    recorded = json.loads(layout.features_metrics_file(cfg).read_text())
+    assert recorded["features_enabled"] == 1 and recorded["features_cv"] == pytest.approx(result["cv"])
+    # The ensemble takes it as a member beside the backbones; with the backbones' files absent it names theirs.
+    with pytest.raises(Exception, match="lcnet_050"):
+        ensemble.load_members(cfg, ensemble.Cache.open(cfg))
+    assert list(ensemble.member_files(cfg))[-1] == "features"
+    assert "features" not in ensemble.member_files(smoke_config("features.enabled=false"))
+
+
+def test_the_stage_is_repeatable_and_disabling_it_leaves_a_note(smoke_work, smoke_config):
+    cfg = smoke_work
+    features.main(cfg)
+    first = pd.read_parquet(layout.features_dir(cfg) / layout.FEATURES_OOF)
+    features.main(cfg)
+    pd.testing.assert_frame_equal(first, pd.read_parquet(layout.features_dir(cfg) / layout.FEATURES_OOF))
+    disabled = smoke_config("features.enabled=false")
+    assert features.main(disabled) == {"enabled": False}
+    assert [p.name for p in layout.features_dir(cfg).iterdir()] == [layout.FEATURES_NOTE]
+    assert json.loads(layout.features_metrics_file(cfg).read_text()) == {"features_enabled": 0}
+
+
+def test_a_patch_larger_than_the_images_is_a_config_error(smoke_work, smoke_config):
+    with pytest.raises(ConfigError, match="features.patch=40"):
+        features.main(smoke_config("features.patch=40"))
