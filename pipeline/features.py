@@ -178,7 +178,7 @@ def main(cfg: Config) -> dict:
         started = time.perf_counter()
         cache = Cache.open(cfg)
         ids, labels, folds, rows = training_rows(cfg, cache)
-        train_images, test_images = cache.images("train")[rows], cache.images("test")
+        train_images, test_images = cache.images("train"), cache.images("test")  # memory-mapped, read in batches
         if min(train_images.shape[1:3]) < settings.patch:
             raise ConfigError(f"features.patch={settings.patch} is larger than the cached images "
                               f"({train_images.shape[1]}x{train_images.shape[2]}): lower it")
@@ -186,7 +186,7 @@ def main(cfg: Config) -> dict:
         print(f"features: {settings.clusters} filters of {settings.patch}x{settings.patch} learned "
               f"({time.perf_counter() - started:.0f} s); encoding {len(ids)} + {len(test_images)} images",
               file=sys.stderr)
-        x_train = encode(train_images, filters, settings.stride, settings.threshold)
+        x_train = encode(train_images, filters, settings.stride, settings.threshold)[rows]
         x_test = encode(test_images, filters, settings.stride, settings.threshold)
         oof, test, fold_rows = cross_fit(x_train, labels, folds, x_test, len(cache.class_names),
                                          settings.inverse_regularisation, settings.balance_power)
