@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import layout, metrics  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.ensemble import member_files  # noqa: E402
 
 STAGES = ["prepare", "folds", "tune", "train", "infer", "features", "ensemble", "submit"]
 # The folder copy renames everything a layout could silently depend on.
@@ -67,12 +68,13 @@ def whole_test_scores(cfg: Config) -> dict:
     y_true = solution[target_col].map(lookup).to_numpy()
     predicted = submission.loc[solution.index, target_col].map(lookup).to_numpy()
     scores = labels_scores(cfg.metric, y_true, predicted, len(lookup), "test")
-    for backbone in cfg.backbones:
-        member = pd.read_parquet(layout.preds_file(cfg, backbone)).astype({"id": str}).set_index("id")
+    members = member_files(cfg)  # the backbones and, when enabled, the features member
+    for name, (_, _, test_file) in members.items():
+        member = pd.read_parquet(test_file).astype({"id": str}).set_index("id")
         member_labels = member.loc[solution.index, list(meta["class_names"])].to_numpy().argmax(1)
-        scores.update(labels_scores(cfg.metric, y_true, member_labels, len(lookup), f"{backbone}_test"))
-    for name in {"macro_f1", cfg.metric}:
-        scores[f"best_member_test_{name}"] = max(scores[f"{backbone}_test_{name}"] for backbone in cfg.backbones)
+        scores.update(labels_scores(cfg.metric, y_true, member_labels, len(lookup), f"{name}_test"))
+    for metric in {"macro_f1", cfg.metric}:
+        scores[f"best_member_test_{metric}"] = max(scores[f"{name}_test_{metric}"] for name in members)
     return scores
 
 

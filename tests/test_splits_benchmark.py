@@ -34,6 +34,9 @@ def test_whole_test_scores_by_hand(tmp_path):
         tmp_path / "preds" / "lcnet_050.parquet")
     pd.DataFrame({"id": ["3", "4", "1", "2"], "a": [0.2, 0.4, 0.7, 0.5], "b": [0.8, 0.6, 0.3, 0.4]}).to_parquet(
         tmp_path / "preds" / "resnet10t.parquet")
+    (tmp_path / "features").mkdir()  # the features member (on by default): a, b, b, b for ids 1-4
+    pd.DataFrame({"id": ["1", "2", "3", "4"], "a": [0.6, 0.4, 0.1, 0.3], "b": [0.4, 0.6, 0.9, 0.7]}).to_parquet(
+        tmp_path / "features" / "test.parquet")
     scores = splits.whole_test_scores(cfg)
     assert scores["test_accuracy"] == pytest.approx(0.75)
     # F1(a) = 2*2/(2*2+1+0) = 0.8, F1(b) = 2*1/(2*1+0+1) = 2/3.
@@ -44,6 +47,9 @@ def test_whole_test_scores_by_hand(tmp_path):
     assert scores["lcnet_050_test_macro_f1"] == pytest.approx(1 / 3)
     assert scores["resnet10t_test_accuracy"] == scores["resnet10t_test_macro_f1"] == pytest.approx(1.0)
     assert scores["best_member_test_macro_f1"] == pytest.approx(1.0)
+    # F1(a) = 2*1/(2*1+0+1) = 2/3, F1(b) = 2*2/(2*2+1+0) = 0.8
+    assert scores["features_test_accuracy"] == pytest.approx(0.75)
+    assert scores["features_test_macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
 
 
 def test_folder_copy_renames_columns_and_labels(tmp_path):
