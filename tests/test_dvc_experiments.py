@@ -117,7 +117,8 @@ def test_two_experiments_compare_in_every_dvc_command(repo):
     for name in ("base", "lr-1e-2"):
         files = experiment_metrics(shown, name)
         expected = {str(layout.train_metrics_file(cfg, b)) for b in cfg.backbones} | {
-            str(layout.ensemble_scores_file(cfg)), str(layout.submission_metrics_file(cfg))}
+            str(layout.ensemble_scores_file(cfg)), str(layout.submission_metrics_file(cfg)),
+            str(layout.features_metrics_file(cfg))}
         assert set(files) == expected
         values = [value for data in files.values() for value in data.values()]
         assert values and all(isinstance(value, float) for value in values)  # flat numbers: no "!" in any column
@@ -126,7 +127,8 @@ def test_two_experiments_compare_in_every_dvc_command(repo):
 
     table = run(["bash", "-c", readme_command("dvc exp show") + " --no-pager"], repo, COLUMNS="300")
     header = table.splitlines()[1].split()  # a wide terminal: the table's own width shows
-    assert header == ["Experiment", *(f"{b}_cv" for b in cfg.backbones), "cv", "public", "private", "train.lr"]
+    assert header == ["Experiment", *(f"{b}_cv" for b in cfg.backbones), "features_cv", "cv", "public", "private",
+                      "train.lr"]
     assert "base" in table and "lr-1e-2" in table and max(len(line) for line in table.splitlines()) <= 120, table
 
     run(["dvc", "exp", "apply", "base"], repo)  # the workspace differs from the experiment the diffs name
