@@ -306,6 +306,10 @@ class Config(Section):
     @model_validator(mode="after")
     def _backbone_overrides_are_train_keys(self):
         check_backbone_overrides(self.backbones, self.train)
+        return self
+
+    @model_validator(mode="after")
+    def _no_backbone_takes_the_features_members_name(self):
         if self.features.enabled and FEATURES_MEMBER in self.backbones:
             raise ValueError(f"a backbone named {FEATURES_MEMBER!r} would share its files with the features member: "
                              f"rename it, or set features.enabled: false")

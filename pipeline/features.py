@@ -127,11 +127,12 @@ def cross_fit(x, labels, folds, x_test, n_classes: int, inverse_regularisation: 
     oof = np.zeros((len(labels), n_classes))
     test = np.zeros((len(x_test), n_classes))
     fold_rows = []
-    for fold in np.unique(folds):
+    fold_names = np.unique(folds)
+    for fold in fold_names:
         train, valid = folds != fold, folds == fold
         oof[valid], fold_test = fit_predict(x[train], labels[train], [x[valid], x_test], n_classes,
                                             inverse_regularisation, balance_power)
-        test += fold_test / len(np.unique(folds))
+        test += fold_test / len(fold_names)
         fold_rows.append((int(fold), np.flatnonzero(valid)))
     return oof, test, fold_rows
 

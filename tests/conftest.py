@@ -28,6 +28,11 @@ def make_config(work_dir: Path, *overrides: str):
     return load_config(ROOT / "configs" / "smoke.yaml", [*overrides_under(work_dir), *overrides])
 
 
+def make_config_without_features(work_dir: Path, *overrides: str):
+    """``make_config`` without the features member, for tests that build every member's files by hand."""
+    return make_config(work_dir, "features.enabled=false", *overrides)
+
+
 @pytest.fixture
 def smoke_config(tmp_path):
     return lambda *overrides: make_config(tmp_path / "work", *overrides)

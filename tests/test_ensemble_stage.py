@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import conftest
+from conftest import make_config_without_features as make_config
 
 from pipeline import blending, ensemble, metrics, selection, submit
 from pipeline.artifacts import probability_table
@@ -15,11 +15,6 @@ from pipeline.errors import ConfigError, DataError
 
 CLASSES = ["cat", "dog", "owl"]
 N_TRAIN, N_TEST = 120, 12
-
-
-def make_config(work_dir, *overrides):
-    """The smoke preset without the features member: these tests build every member's files by hand."""
-    return conftest.make_config(work_dir, "features.enabled=false", *overrides)
 
 
 def member_proba(labels: np.ndarray, signal: float, rng: np.random.Generator) -> np.ndarray:

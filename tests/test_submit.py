@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
-import conftest
+from conftest import make_config_without_features as make_config
 
 from pipeline import layout, provenance, submit
 from pipeline.artifacts import probability_table
@@ -26,11 +26,6 @@ PREDICTED = ["cat", "dog", "owl", "cat", "dog", "dog"]
 # truth cat, owl, owl -> 1 of 3 right.
 SOLUTION = pd.DataFrame({"image_id": IDS, "animal": ["cat", "dog", "cat", "cat", "owl", "owl"],
                          "Usage": ["Public"] * 3 + ["Private"] * 3})
-
-
-def make_config(work_dir, *overrides):
-    """The smoke preset without the features member: these tests build every member's files by hand."""
-    return conftest.make_config(work_dir, "features.enabled=false", *overrides)
 
 
 def label_sample() -> pd.DataFrame:
