@@ -287,8 +287,9 @@ class Config(Section):
     """The metric every stage uses: `macro_f1`, `accuracy`, `weighted_f1`, `balanced_accuracy`, `qwk`, `log_loss`."""
     folds: Folds = Field(default_factory=Folds)
     # A mapping lets DVC track each backbone's parameters apart (`backbones.<name>`): changing one re-runs its stages.
-    backbones: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"lcnet_050": {}, "mobilenetv3_small_050": {}})
+    # One by default: on the 2-core CPU a second backbone doubled the chain's time and its ensemble's nested CV equalled
+    # this one's beside the features member (docs/study.md, "One backbone and the features member").
+    backbones: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"lcnet_050": {}})
     """timm backbones to train and ensemble: name -> its own `train.*` overrides ({} for none), or a list of names."""
     train: Train = Field(default_factory=Train)
     runtime: Runtime = Field(default_factory=Runtime)
