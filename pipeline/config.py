@@ -288,7 +288,7 @@ class Config(Section):
     folds: Folds = Field(default_factory=Folds)
     # A mapping lets DVC track each backbone's parameters apart (`backbones.<name>`): changing one re-runs its stages.
     # One by default: on the 2-core CPU a second backbone doubled the chain's time and its ensemble's nested CV equalled
-    # this one's beside the features member (docs/study.md, "One backbone and the features member").
+    # this one's beside the features member (docs/study.md, "One backbone beside the features member").
     backbones: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"lcnet_050": {}})
     """timm backbones to train and ensemble: name -> its own `train.*` overrides ({} for none), or a list of names."""
     train: Train = Field(default_factory=Train)
