@@ -59,7 +59,8 @@ def build_work(cfg, tta_oof_for=("good",), seed: int = 0) -> dict:
 
 @pytest.fixture
 def work(tmp_path):
-    cfg = make_config(tmp_path / "work", "backbones=[good,noisy]", "ensemble.class_offsets=false")
+    cfg = make_config(tmp_path / "work", "backbones=[good,noisy]", "ensemble.method=auto",
+                      "ensemble.class_offsets=false")
     return cfg, build_work(cfg)
 
 
@@ -140,7 +141,7 @@ def test_weighted_method_leans_on_the_good_member_and_offsets_are_reported(tmp_p
 def test_with_offsets_auto_chooses_among_the_shifted_methods(tmp_path):
     """Every method is shifted by its own cross-fitted offsets, and auto takes the best of those shifted scores."""
     cfg = make_config(tmp_path / "work", "backbones=[good,noisy]", "ensemble.methods=[soft,hard,weighted]",
-                      "ensemble.class_offsets=true")
+                      "ensemble.method=auto", "ensemble.class_offsets=true")
     truth = build_work(cfg, seed=2)  # a draw where the best method before offsets is not the best after them
     scores = ensemble.main(cfg)
     report = pd.read_csv(cfg.path("ensemble") / "report.csv", keep_default_na=False)
@@ -163,7 +164,8 @@ def test_with_offsets_auto_chooses_among_the_shifted_methods(tmp_path):
 def test_auto_reports_the_nested_cv_of_its_choice_and_submit_shows_it(tmp_path):
     """With three folds and more, the CV of ``auto`` is nested: each fold predicted by the method chosen and fit on
     the other folds alone. It is what the leaderboard's cv column holds."""
-    cfg = make_config(tmp_path / "work", "backbones=[weak,noisy]", "folds.n_splits=3", "ensemble.class_offsets=true")
+    cfg = make_config(tmp_path / "work", "backbones=[weak,noisy]", "folds.n_splits=3", "ensemble.method=auto",
+                      "ensemble.class_offsets=true")
     truth = build_work(cfg, seed=3)  # two weak members: the methods differ, and so do the folds' choices
     scores = ensemble.main(cfg)
     members = np.stack([pd.read_parquet(cfg.path("oof") / f"{name}.parquet").set_index("id").loc[
@@ -179,6 +181,24 @@ def test_auto_reports_the_nested_cv_of_its_choice_and_submit_shows_it(tmp_path):
     assert json.loads((cfg.path("metrics") / "ensemble.json").read_text())["ensemble_cv"] == scores["ensemble_cv"]
     assert f"**CV {cfg.metric} {scores['ensemble_cv']:.4f}**" in (cfg.path("ensemble") / "report.md").read_text()
     assert submit.main(cfg)["cv"] == scores["ensemble_cv"]
+
+
+def test_the_default_submits_the_plain_mean_of_the_members(tmp_path):
+    """By default nothing is fit: the submission is the members' mean and the CV that mean's OOF score, whichever
+    method would have scored best on OOF (here weighted and stacking do: `good` is far stronger than `noisy`)."""
+    cfg = make_config(tmp_path / "work", "backbones=[good,noisy]")
+    truth = build_work(cfg)
+    scores = ensemble.main(cfg)
+    members = ["good", "noisy"]
+    oof_mean = np.mean([pd.read_parquet(cfg.path("preds") / "good_oof.parquet").set_index("id").loc[truth["train_ids"],
+                                                                                                  CLASSES],
+                        pd.read_parquet(cfg.path("oof") / "noisy.parquet").set_index("id").loc[truth["train_ids"],
+                                                                                              CLASSES]], axis=0)
+    test_mean = np.mean([pd.read_parquet(cfg.path("preds") / f"{name}.parquet")[CLASSES] for name in members], axis=0)
+    np.testing.assert_allclose(pd.read_parquet(cfg.path("ensemble") / "test.parquet")[CLASSES], test_mean)
+    assert scores["method"] == "soft"
+    assert scores["ensemble_cv"] == pytest.approx(metrics.score(cfg.metric, truth["labels"], oof_mean))
+    assert scores["ensemble_cv"] < scores["best_single_score"]  # the fixed rule is kept even where it loses
 
 
 def test_single_backbone_ensemble_is_that_model_aligned_by_id(tmp_path):
