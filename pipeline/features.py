@@ -8,11 +8,12 @@ Writes: ``paths.features``/oof.parquet (every training image's probabilities fro
 
 The single-layer network of Coates, Lee and Ng (An Analysis of Single-Layer Networks in Unsupervised Feature
 Learning, AISTATS 2011): k-means learns ``features.clusters`` filters from contrast-normalised, ZCA-whitened
-``features.patch``-pixel patches; every image is convolved with them, thresholded (``max(0, response -
-features.threshold)``) and pooled (means over a 3 x 3 grid, maxima over 2 x 2); scikit-learn's logistic regression,
-one per fold, reads the pooled features. On a CPU it takes a minute or two where a backbone takes many, and its
-errors differ from a network's, which is what an ensemble needs. The filters learn from the training images' pixels
-without their labels; the labels reach only the per-fold regression, so the OOF is a true cross-validation.
+``features.patch``-pixel patches (one dictionary per entry of the list); every image is convolved with them (every
+``features.stride`` pixels), thresholded (``max(0, response - features.threshold)``) and pooled (means over a 3 x 3
+grid, maxima over 2 x 2); scikit-learn's logistic regression, one per fold, reads every dictionary's pooled
+features. On a CPU it takes a minute or two where a backbone takes many, and its errors differ from a network's,
+which is what an ensemble needs. The filters learn from the training images' pixels without their labels; the labels
+reach only the per-fold regression, so the OOF is a true cross-validation.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def fit_predict(x_train, y_train, x_predict: list[np.ndarray], n_classes: int, i
     for x in x_predict:
         proba = np.zeros((len(x), n_classes))
         proba[:, model.classes_] = model.predict_proba(scaler.transform(x))
-        predictions.append(proba)
+        predictions.append(proba / proba.sum(1, keepdims=True))  # float32 features give float32 sums: 1 +- 1e-7
     return predictions
 
 
@@ -180,15 +181,18 @@ def main(cfg: Config) -> dict:
         cache = Cache.open(cfg)
         ids, labels, folds, rows = training_rows(cfg, cache)
         train_images, test_images = cache.images("train"), cache.images("test")  # memory-mapped, read in batches
-        if min(train_images.shape[1:3]) < settings.patch:
-            raise ConfigError(f"features.patch={settings.patch} is larger than the cached images "
+        if min(train_images.shape[1:3]) < max(settings.patch):
+            raise ConfigError(f"features.patch={max(settings.patch)} is larger than the cached images "
                               f"({train_images.shape[1]}x{train_images.shape[2]}): lower it")
-        filters = learn_filters(train_images, settings.clusters, settings.patch, settings.patches, settings.seed)
-        print(f"features: {settings.clusters} filters of {settings.patch}x{settings.patch} learned "
-              f"({time.perf_counter() - started:.0f} s); encoding {len(ids)} + {len(test_images)} images",
-              file=sys.stderr)
-        x_train = encode(train_images, filters, settings.stride, settings.threshold)[rows]
-        x_test = encode(test_images, filters, settings.stride, settings.threshold)
+        x_train, x_test = [], []
+        for patch, stride in zip(settings.patch, settings.stride):  # one dictionary each, their features side by side
+            filters = learn_filters(train_images, settings.clusters, patch, settings.patches, settings.seed)
+            print(f"features: {settings.clusters} filters of {patch}x{patch} learned "
+                  f"({time.perf_counter() - started:.0f} s); encoding {len(ids)} + {len(test_images)} images every "
+                  f"{stride} pixel(s)", file=sys.stderr)
+            x_train.append(encode(train_images, filters, stride, settings.threshold)[rows])
+            x_test.append(encode(test_images, filters, stride, settings.threshold))
+        x_train, x_test = np.concatenate(x_train, 1), np.concatenate(x_test, 1)
         oof, test, fold_rows = cross_fit(x_train, labels, folds, x_test, len(cache.class_names),
                                          settings.inverse_regularisation, settings.balance_power)
         result = report(cfg, labels, oof, fold_rows, cache.class_names)

@@ -137,4 +137,22 @@ def test_the_stage_is_repeatable_and_disabling_it_leaves_a_note(smoke_work, smok
 
 def test_a_patch_larger_than_the_images_is_a_config_error(smoke_work, smoke_config):
     with pytest.raises(ConfigError, match="features.patch=40"):
-        features.main(smoke_config("features.patch=40"))
+        features.main(smoke_config("features.patch=[6,40]", "features.stride=[1,2]"))
+
+
+def test_each_dictionary_adds_its_features_beside_the_others(smoke_work, smoke_config, capsys):
+    """13 pooled numbers per filter and dictionary: 16 filters give 208 an image with one dictionary, 416 with two,
+    and the regression reads them all."""
+    features.main(smoke_work)
+    assert "208 features an image" in capsys.readouterr().err
+    two = features.main(smoke_config("features.patch=[6,10]", "features.stride=[1,2]"))
+    err = capsys.readouterr().err
+    assert "filters of 6x6" in err and "filters of 10x10" in err and "416 features an image" in err
+    assert two["cv"] > 0
+
+
+def test_patch_and_stride_pair_up_one_dictionary_each():
+    cfg = load_config(None, ["features.patch=8", "features.stride=4"])
+    assert (cfg.features.patch, cfg.features.stride) == ([8], [4])
+    with pytest.raises(ConfigError, match=r"features.patch \[6, 8, 10\] and features.stride \[1\]"):
+        load_config(None, ["features.patch=[6,8,10]"])
