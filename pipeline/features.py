@@ -35,6 +35,7 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import Cache
 from pipeline.tables import read_folds
+from pipeline.voting import normalise_rows
 
 CONTRAST_EPS = 0.1  # added to a patch's standard deviation (pixels in [0, 1]): flat patches stay near zero
 ZCA_EPS = 0.1  # added to the patch covariance's eigenvalues before whitening: noise is not amplified without end
@@ -118,7 +119,7 @@ def fit_predict(x_train, y_train, x_predict: list[np.ndarray], n_classes: int, i
     for x in x_predict:
         proba = np.zeros((len(x), n_classes))
         proba[:, model.classes_] = model.predict_proba(scaler.transform(x))
-        predictions.append(proba / proba.sum(1, keepdims=True))  # float32 features give float32 sums: 1 +- 1e-7
+        predictions.append(normalise_rows(proba))  # float32 features give float32 sums: 1 +- 1e-7
     return predictions
 
 

@@ -57,6 +57,13 @@ def build_work(cfg, tta_oof_for=("good",), seed: int = 0) -> dict:
     return {"labels": labels, "train_ids": train_ids, "test_ids": test_ids}
 
 
+def member_oof(cfg, ids) -> dict[str, np.ndarray]:
+    """The OOF the ensemble reads for `good` (infer's TTA'd file) and `noisy` (train's), rows in ``ids`` order."""
+    return {name: pd.read_parquet(path).set_index("id").loc[ids, CLASSES].to_numpy()
+            for name, path in (("good", cfg.path("preds") / "good_oof.parquet"),
+                               ("noisy", cfg.path("oof") / "noisy.parquet"))}
+
+
 @pytest.fixture
 def work(tmp_path):
     cfg = make_config(tmp_path / "work", "backbones=[good,noisy]", "ensemble.method=auto",
@@ -147,9 +154,7 @@ def test_with_offsets_auto_chooses_among_the_shifted_methods(tmp_path):
     report = pd.read_csv(cfg.path("ensemble") / "report.csv", keep_default_na=False)
     shifted, unshifted = report[report["kind"] == "offsets"], report[report["kind"] == "method"]
     assert sorted(shifted["name"]) == ["hard+offsets", "soft+offsets", "weighted+offsets"]
-    members = {name: pd.read_parquet(path).set_index("id").loc[truth["train_ids"], CLASSES].to_numpy()
-               for name, path in (("good", cfg.path("preds") / "good_oof.parquet"),
-                                  ("noisy", cfg.path("oof") / "noisy.parquet"))}
+    members = member_oof(cfg, truth["train_ids"])
     folds = np.arange(N_TRAIN) % cfg.folds.n_splits
     soft = (members["good"] + members["noisy"]) / 2
     soft_shifted = blending.cross_fit(lambda p, y: blending.fit_class_offsets(p, y, cfg.metric),
@@ -189,12 +194,9 @@ def test_the_default_submits_the_plain_mean_of_the_members(tmp_path):
     cfg = make_config(tmp_path / "work", "backbones=[good,noisy]")
     truth = build_work(cfg)
     scores = ensemble.main(cfg)
-    members = ["good", "noisy"]
-    oof_mean = np.mean([pd.read_parquet(cfg.path("preds") / "good_oof.parquet").set_index("id").loc[truth["train_ids"],
-                                                                                                  CLASSES],
-                        pd.read_parquet(cfg.path("oof") / "noisy.parquet").set_index("id").loc[truth["train_ids"],
-                                                                                              CLASSES]], axis=0)
-    test_mean = np.mean([pd.read_parquet(cfg.path("preds") / f"{name}.parquet")[CLASSES] for name in members], axis=0)
+    oof_mean = np.mean(list(member_oof(cfg, truth["train_ids"]).values()), axis=0)
+    test_mean = np.mean([pd.read_parquet(cfg.path("preds") / f"{name}.parquet")[CLASSES] for name in cfg.backbones],
+                        axis=0)
     np.testing.assert_allclose(pd.read_parquet(cfg.path("ensemble") / "test.parquet")[CLASSES], test_mean)
     assert scores["method"] == "soft"
     assert scores["ensemble_cv"] == pytest.approx(metrics.score(cfg.metric, truth["labels"], oof_mean))

@@ -149,6 +149,9 @@ def test_each_dictionary_adds_its_features_beside_the_others(smoke_work, smoke_c
     err = capsys.readouterr().err
     assert "filters of 6x6" in err and "filters of 10x10" in err and "416 features an image" in err
     assert two["cv"] > 0
+    for table in (layout.FEATURES_OOF, layout.FEATURES_TEST):  # float32 features: rows renormalised to sum 1
+        proba = pd.read_parquet(layout.features_dir(smoke_work) / table).drop(columns=["id", "fold"], errors="ignore")
+        np.testing.assert_allclose(proba.sum(1), 1.0)
 
 
 def test_patch_and_stride_pair_up_one_dictionary_each():
