@@ -113,6 +113,20 @@ def is_broken_pool_cleanup_error(args) -> bool:
                for frame in frames)
 
 
+def start_decoding(pool: ProcessPoolExecutor, tasks: list):
+    """``pool.map`` of :func:`try_load_image` over ``tasks``, where a pool that breaks while it starts is always a
+    BrokenProcessPool.
+
+    ``map`` submits every chunk at once, and submitting starts workers. In CPython 3.11, when a worker dies while
+    the main thread is still starting another, the manager thread closes the call queue under it, and the start
+    fails with OSError "handle is closed" (seen in CI) instead of BrokenProcessPool.
+    """
+    try:
+        return pool.map(try_load_image, tasks, chunksize=32)
+    except OSError as error:
+        raise BrokenProcessPool(f"a worker could not start: {error}") from None
+
+
 @contextlib.contextmanager
 def quiet_broken_pool_cleanup():
     """Within the block, drop the traceback of :func:`is_broken_pool_cleanup_error` errors; others print as usual."""
@@ -154,7 +168,7 @@ def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, de
     with quiet_broken_pool_cleanup() if pool else contextlib.nullcontext():
         try:
             # Inside the try: a worker that dies while the pool starts breaks it already at submission.
-            results = pool.map(try_load_image, tasks, chunksize=32) if pool else map(try_load_image, tasks)
+            results = start_decoding(pool, tasks) if pool else map(try_load_image, tasks)
             with open(out_path, "r+b") as handle:
                 handle.seek(offset)
                 for index, (array, problem) in enumerate(tqdm(results, total=len(tasks), desc=desc, unit="img",

@@ -231,6 +231,25 @@ def test_only_the_broken_pool_cleanup_race_is_kept_quiet(monkeypatch):
     assert seen == ["an error of this program", "dictionary changed size during iteration"]
 
 
+def test_a_pool_that_breaks_while_starting_a_worker_is_reported_as_a_dead_worker(tmp_path, monkeypatch):
+    """CPython 3.11 can fail the start of a worker with OSError "handle is closed" when another worker has just
+    died (seen in CI): prepare reports it as the dead worker it is, not as a folder it cannot write."""
+
+    class PoolBrokenAtStart:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def map(self, *args, **kwargs):
+            raise OSError("handle is closed")
+
+        def shutdown(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(prepare, "ProcessPoolExecutor", PoolBrokenAtStart)
+    with pytest.raises(PipelineError, match="decoding images died .*handle is closed.*data.workers=1"):
+        prepare.decode_split([f"{n}.png" for n in range(1000)], (8, 8), 1, tmp_path / "train.npy", 2, "train")
+
+
 @pytest.mark.slow
 def test_train_killed_mid_fold_resumes_from_its_last_checkpoint(work, tmp_path):
     import torch
