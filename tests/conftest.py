@@ -21,6 +21,21 @@ from pipeline.layout import overrides_under
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The longest test files, longest first (`pytest --durations=60`, summed per file: test_dvc.py about 500 s, the rest
+# 100-300 s), which run before all others. Each file runs whole in one worker (--dist loadfile), and pytest-xdist
+# would otherwise hand out the files with the most tests first, so that these few-test, minutes-long files came
+# last and the longest ran alone at the end while the other worker sat idle.
+LONGEST_FILES = ("test_dvc.py", "test_dvc_presets.py", "test_dvc_folder.py", "test_tune.py", "test_dvc_experiments.py",
+                 "test_splits_benchmark.py", "test_devices.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: the other files, and the tests within each file, keep their order
+
 
 def make_config(work_dir: Path, *overrides: str):
     """The smoke preset with every output in ``work_dir`` (the top-level submissions and metrics folders too, so

@@ -63,3 +63,16 @@ def test_ruff_is_clean():
     result = subprocess.run([str(ruff) if ruff.exists() else "ruff", "check", "."], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_the_longest_test_files_exist_and_run_first():
+    from types import SimpleNamespace
+
+    import conftest
+
+    assert [name for name in conftest.LONGEST_FILES if not (ROOT / "tests" / name).is_file()] == []
+    items = [SimpleNamespace(path=ROOT / "tests" / name, name=test) for name, test in (
+        ("test_config.py", "a"), ("test_faults.py", "b"), ("test_config.py", "c"), ("test_dvc.py", "d"),
+        ("test_faults.py", "e"))]
+    conftest.pytest_collection_modifyitems(items)
+    assert [item.name for item in items] == ["d", "b", "e", "a", "c"]  # listed files by rank, tests kept in order
