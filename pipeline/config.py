@@ -252,7 +252,8 @@ class Train(Section):
     """The Weights & Biases project of the `wandb` logger's runs (one run per backbone and fold)."""
     devices: Literal["auto"] | Annotated[list[DeviceName], Field(min_length=1)] = "auto"
     """Devices that train (and tune and infer) the folds on at once, one worker process each: `[cuda:0, cuda:1]`,
-    `[cpu, cpu]`; `auto`: every GPU when `runtime.device` is CUDA, else the one CPU (one device: no extra process)."""
+    `[cpu, cpu]`; `auto`: every GPU when `runtime.device` is CUDA, else one CPU worker per core (at most one per fold,
+    the cores shared among them; `[cpu]`: the folds in turn in this process, on every core)."""
 
 
     @model_validator(mode="after")

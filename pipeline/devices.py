@@ -1,12 +1,16 @@
 """Jobs spread over the devices of one box, one worker process per device: train's folds, infer's folds, tune's trials.
 
-``train.devices`` names the devices: a list (``[cuda:0, cuda:1]``; ``[cpu, cpu]`` runs two CPU workers, which is
-how the tests exercise it) or ``auto``: every visible GPU when models run on CUDA, else the one CPU. With one
+``train.devices`` names the devices: a list (``[cuda:0, cuda:1]``; ``[cpu, cpu]`` runs two CPU workers) or
+``auto``: every visible GPU when models run on CUDA, else one CPU worker per core (torch's thread count). With one
 device the jobs run in this process, one after another, exactly as before. With several, ``run_on_devices``
-starts one spawned process per device (concurrent.futures; each worker claims its device as it starts) and hands
-each worker the next job when it finishes one; results come back in the jobs' order. CPU workers share the cores.
-What a job writes it writes itself (a fold's folder), so a worker that dies fails the stage with a message and
-every job finished before stays finished.
+starts one spawned process per device, at most one per job (concurrent.futures; each worker claims its device as it
+starts) and hands each worker the next job when it finishes one; results come back in the jobs' order.
+
+CPU workers split the cores: small models use two threads poorly (lcnet_050 at 96 px trains at 273 images/s on two
+threads, 2 x 205 as two one-thread processes), so folds side by side beat one fold on every core. A job that starts
+with fewer jobs left than workers (the fifth fold of five on two workers) takes the cores of the workers that have
+nothing left to do (``threads_for``). What a job writes it writes itself (a fold's folder), so a worker that dies
+fails the stage with a message and every job finished before stays finished.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from pipeline.engine import resolve_device
 from pipeline.errors import ConfigError, PipelineError
 
 _device: str | None = None  # the device a worker process claimed (None in the main process)
+_cores: int = 1  # a worker's share of the main process's threads when every worker is busy, times the CPU workers
+_cpu_workers: int = 1
+_unstarted = None  # a shared count of the jobs no worker has started yet
 
 
 def resolve_devices(devices: list[str] | str, runtime_device: str) -> list[str]:
@@ -38,15 +45,22 @@ def resolve_devices(devices: list[str] | str, runtime_device: str) -> list[str]:
     device = resolve_device(runtime_device)
     if device.type == "cuda" and device.index is None:
         return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if device.type == "cpu":
+        return ["cpu"] * torch.get_num_threads()
     return [str(device)]
 
 
-def _claim_device(devices, threads: int, log_path: str | None) -> None:
-    """A worker's start: take one device off the queue, share the CPU's cores, write to the stage's run log too."""
-    global _device
-    _device = devices.get()
-    if _device.startswith("cpu"):
-        torch.set_num_threads(threads)
+def threads_for(cores: int, cpu_workers: int, unstarted: int) -> int:
+    """The threads of a CPU job that starts while ``unstarted`` jobs (itself included) wait: its worker's share of
+    ``cores`` while every worker has a job, the share of the workers left with one when fewer jobs than workers
+    remain (the last of 5 folds on 2 workers of 2 cores: 2 threads)."""
+    return max(1, cores // max(1, min(cpu_workers, unstarted)))
+
+
+def _claim_device(devices, cores: int, cpu_workers: int, unstarted, log_path: str | None) -> None:
+    """A worker's start: take one device off the queue, note the CPU's cores, write to the stage's run log too."""
+    global _device, _cores, _cpu_workers, _unstarted
+    _device, _cores, _cpu_workers, _unstarted = devices.get(), cores, cpu_workers, unstarted
     if log_path is not None:
         from pipeline.cli import Tee
 
@@ -55,6 +69,11 @@ def _claim_device(devices, threads: int, log_path: str | None) -> None:
 
 
 def _run_job(function, job: tuple):
+    with _unstarted.get_lock():
+        unstarted = _unstarted.value
+        _unstarted.value -= 1
+    if _device.startswith("cpu"):
+        torch.set_num_threads(threads_for(_cores, _cpu_workers, unstarted))
     return function(_device, *job)
 
 
@@ -62,6 +81,7 @@ def run_on_devices(function, jobs: list[tuple], devices: list[str], what: str) -
     """``[function(device, *job) for job in jobs]`` with the jobs spread over ``devices``: in this process for one
     device, else one worker process per device. ``function`` must be importable (a module's top-level function)
     and the jobs picklable. A job's PipelineError stops the stage with its message; a dead worker stops it with ours."""
+    devices = devices[:max(1, len(jobs))]  # a worker without a job would only cost its start
     if len(devices) <= 1:
         return [function(devices[0] if devices else None, *job) for job in jobs]
     context = multiprocessing.get_context("spawn")  # CUDA cannot live in a forked process
@@ -69,12 +89,12 @@ def run_on_devices(function, jobs: list[tuple], devices: list[str], what: str) -
     for device in devices:
         queue.put(device)
     cpu_workers = sum(device.startswith("cpu") for device in devices)
-    threads = max(1, torch.get_num_threads() // max(1, cpu_workers))
+    unstarted = context.Value("i", len(jobs))
     log_path = getattr(getattr(sys.stderr, "log", None), "name", None)
     print(f"{what}: {len(jobs)} job(s) on {len(devices)} devices {devices}, one worker process each",
           file=sys.stderr)
     pool = ProcessPoolExecutor(len(devices), mp_context=context, initializer=_claim_device,
-                               initargs=(queue, threads, log_path))
+                               initargs=(queue, torch.get_num_threads(), cpu_workers, unstarted, log_path))
     try:
         futures = [pool.submit(_run_job, function, job) for job in jobs]
         return [future.result() for future in futures]

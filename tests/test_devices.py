@@ -16,7 +16,7 @@ import torch
 
 from conftest import make_config
 from pipeline import folds, infer, prepare, train, tune
-from pipeline.devices import resolve_devices, run_on_devices
+from pipeline.devices import resolve_devices, run_on_devices, threads_for
 from pipeline.errors import ConfigError, PipelineError
 
 TWO_CPUS = "train.devices=[cpu, cpu]"
@@ -49,6 +49,34 @@ def test_two_cpu_workers_run_their_jobs_at_the_same_time_each_on_its_device(tmp_
     assert len({pid for _, pid in results}) == 2 and os.getpid() not in {pid for _, pid in results}
 
 
+def job_threads(device: str, seconds: float) -> int:
+    time.sleep(seconds)
+    return torch.get_num_threads()
+
+
+def test_cpu_workers_share_the_cores_and_the_last_job_takes_the_idle_workers_cores():
+    # 2 cores, 2 workers: jobs 0 and 1 start together (1 thread each); job 2 starts alone, so it gets both.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert run_on_devices(job_threads, [(0.5,), (1.0,), (0.0,)], ["cpu", "cpu"], "test") == [1, 1, 2]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_threads_of_a_job_are_its_share_of_the_cores_among_the_workers_still_busy():
+    assert threads_for(cores=2, cpu_workers=2, unstarted=5) == 1
+    assert threads_for(cores=2, cpu_workers=2, unstarted=1) == 2  # the 5th fold of 5 on 2 workers
+    assert threads_for(cores=16, cpu_workers=5, unstarted=5) == 3
+    assert threads_for(cores=16, cpu_workers=5, unstarted=2) == 8
+    assert threads_for(cores=1, cpu_workers=2, unstarted=2) == 1  # never below one
+
+
+def test_more_devices_than_jobs_start_no_idle_worker():
+    assert run_on_devices(lambda device, x: (device, x, os.getpid()), [(1,)], ["cpu", "cpu"], "test") == [
+        ("cpu", 1, os.getpid())]  # one job: run here, no worker process at all
+
+
 def test_one_device_runs_the_jobs_here_in_turn():
     assert run_on_devices(lambda device, x: (device, x, os.getpid()), [(1,), (2,)], ["cpu"], "test") == [
         ("cpu", 1, os.getpid()), ("cpu", 2, os.getpid())]
@@ -63,7 +91,8 @@ def test_a_dead_worker_stops_the_stage_with_a_message_and_keeps_what_finished(tm
 def test_device_names_resolve_or_fail_with_the_key():
     assert resolve_devices(["cpu", "cpu"], "auto") == ["cpu", "cpu"]
     if not torch.cuda.is_available():
-        assert resolve_devices("auto", "auto") == ["cpu"]  # one device: the jobs run in this process
+        assert resolve_devices("auto", "auto") == ["cpu"] * torch.get_num_threads()  # a worker per core
+        assert resolve_devices(["cpu"], "auto") == ["cpu"]  # one device: the jobs run in this process
         with pytest.raises(PipelineError, match="'cuda:0' is CUDA but no CUDA device"):
             resolve_devices(["cuda:0", "cuda:1"], "auto")
     with pytest.raises(ConfigError, match="train.devices"):
