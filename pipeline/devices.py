@@ -8,8 +8,8 @@ starts) and hands each worker the next job when it finishes one; results come ba
 
 CPU workers split the cores: small models use two threads poorly (lcnet_050 at 96 px trains at 273 images/s on two
 threads, 2 x 205 as two one-thread processes), so folds side by side beat one fold on every core. A job that starts
-with fewer jobs left than workers (the fifth fold of five on two workers) takes the cores of the workers that have
-nothing left to do (``threads_for``). What a job writes it writes itself (a fold's folder), so a worker that dies
+in the last, short round (the fifth fold of five on two workers) takes the cores of the workers left without one
+(``threads_for``). What a job writes it writes itself (a fold's folder), so a worker that dies
 fails the stage with a message and every job finished before stays finished.
 """
 
@@ -27,9 +27,7 @@ from pipeline.engine import resolve_device
 from pipeline.errors import ConfigError, PipelineError
 
 _device: str | None = None  # the device a worker process claimed (None in the main process)
-_cores: int = 1  # a worker's share of the main process's threads when every worker is busy, times the CPU workers
-_cpu_workers: int = 1
-_unstarted = None  # a shared count of the jobs no worker has started yet
+_threads: list[int] = []  # a worker's torch threads for each job, by the job's place (CPU workers; ``threads_for``)
 
 
 def resolve_devices(devices: list[str] | str, runtime_device: str) -> list[str]:
@@ -50,17 +48,21 @@ def resolve_devices(devices: list[str] | str, runtime_device: str) -> list[str]:
     return [str(device)]
 
 
-def threads_for(cores: int, cpu_workers: int, unstarted: int) -> int:
-    """The threads of a CPU job that starts while ``unstarted`` jobs (itself included) wait: its worker's share of
-    ``cores`` while every worker has a job, the share of the workers left with one when fewer jobs than workers
-    remain (the last of 5 folds on 2 workers of 2 cores: 2 threads)."""
-    return max(1, cores // max(1, min(cpu_workers, unstarted)))
+def threads_for(cores: int, cpu_workers: int, jobs: int, index: int) -> int:
+    """The threads of CPU job ``index`` of ``jobs``: its worker's share of ``cores``, or, for a job of the last, short
+    round (the jobs beyond the last multiple of the workers), the share of the workers that round keeps busy: the
+    fifth fold of five on two workers of two cores gets 2 threads. By the job's place, not by the clock, so a fold
+    runs on the same threads (and so the same arithmetic) every time."""
+    short_round = jobs % cpu_workers
+    sharing = short_round if short_round and index >= jobs - short_round else cpu_workers
+    return max(1, cores // sharing)
 
 
-def _claim_device(devices, cores: int, cpu_workers: int, unstarted, log_path: str | None) -> None:
-    """A worker's start: take one device off the queue, note the CPU's cores, write to the stage's run log too."""
-    global _device, _cores, _cpu_workers, _unstarted
-    _device, _cores, _cpu_workers, _unstarted = devices.get(), cores, cpu_workers, unstarted
+def _claim_device(devices, threads: list[int], log_path: str | None) -> None:
+    """A worker's start: take one device off the queue, note each job's share of the cores, log to the stage's run
+    log too."""
+    global _device, _threads
+    _device, _threads = devices.get(), threads
     if log_path is not None:
         from pipeline.cli import Tee
 
@@ -68,12 +70,9 @@ def _claim_device(devices, cores: int, cpu_workers: int, unstarted, log_path: st
         sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
 
 
-def _run_job(function, job: tuple):
-    with _unstarted.get_lock():
-        unstarted = _unstarted.value
-        _unstarted.value -= 1
+def _run_job(function, index: int, job: tuple):
     if _device.startswith("cpu"):
-        torch.set_num_threads(threads_for(_cores, _cpu_workers, unstarted))
+        torch.set_num_threads(_threads[index])
     return function(_device, *job)
 
 
@@ -89,14 +88,15 @@ def run_on_devices(function, jobs: list[tuple], devices: list[str], what: str) -
     for device in devices:
         queue.put(device)
     cpu_workers = sum(device.startswith("cpu") for device in devices)
-    unstarted = context.Value("i", len(jobs))
+    cores = torch.get_num_threads()
+    threads = [threads_for(cores, max(1, cpu_workers), len(jobs), index) for index in range(len(jobs))]
     log_path = getattr(getattr(sys.stderr, "log", None), "name", None)
     print(f"{what}: {len(jobs)} job(s) on {len(devices)} devices {devices}, one worker process each",
           file=sys.stderr)
     pool = ProcessPoolExecutor(len(devices), mp_context=context, initializer=_claim_device,
-                               initargs=(queue, torch.get_num_threads(), cpu_workers, unstarted, log_path))
+                               initargs=(queue, threads, log_path))
     try:
-        futures = [pool.submit(_run_job, function, job) for job in jobs]
+        futures = [pool.submit(_run_job, function, index, job) for index, job in enumerate(jobs)]
         return [future.result() for future in futures]
     except BrokenProcessPool:
         raise PipelineError(f"{what}: a worker process died (killed, or out of memory) before its job finished; "

@@ -24,9 +24,11 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from joblib import Parallel, cpu_count, delayed
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from pipeline import cli, layout, metrics
 from pipeline.artifacts import atomic_dir, probability_table, write_json, write_parquet
@@ -128,14 +130,18 @@ def cross_fit(x, labels, folds, x_test, n_classes: int, inverse_regularisation: 
     averaged, each fold's validation rows)."""
     oof = np.zeros((len(labels), n_classes))
     test = np.zeros((len(x_test), n_classes))
-    fold_rows = []
     fold_names = np.unique(folds)
-    for fold in fold_names:
-        train, valid = folds != fold, folds == fold
-        oof[valid], fold_test = fit_predict(x[train], labels[train], [x[valid], x_test], n_classes,
-                                            inverse_regularisation, balance_power)
+    # One BLAS thread a fit and the folds side by side: these small fits run 2.7 times slower on two BLAS threads than
+    # on one (4.5 s against 12 s a fold on 2 cores), and the result does not depend on how many run at once.
+    with threadpool_limits(1):
+        fitted = Parallel(n_jobs=min(len(fold_names), cpu_count()), prefer="threads")(
+            delayed(fit_predict)(x[folds != fold], labels[folds != fold], [x[folds == fold], x_test], n_classes,
+                                 inverse_regularisation, balance_power) for fold in fold_names)
+    fold_rows = []
+    for fold, (fold_oof, fold_test) in zip(fold_names, fitted):
+        oof[folds == fold] = fold_oof
         test += fold_test / len(fold_names)
-        fold_rows.append((int(fold), np.flatnonzero(valid)))
+        fold_rows.append((int(fold), np.flatnonzero(folds == fold)))
     return oof, test, fold_rows
 
 

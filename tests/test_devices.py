@@ -49,27 +49,26 @@ def test_two_cpu_workers_run_their_jobs_at_the_same_time_each_on_its_device(tmp_
     assert len({pid for _, pid in results}) == 2 and os.getpid() not in {pid for _, pid in results}
 
 
-def job_threads(device: str, seconds: float) -> int:
-    time.sleep(seconds)
+def job_threads(device: str) -> int:
     return torch.get_num_threads()
 
 
 def test_cpu_workers_share_the_cores_and_the_last_job_takes_the_idle_workers_cores():
-    # 2 cores, 2 workers: jobs 0 and 1 start together (1 thread each); job 2 starts alone, so it gets both.
+    # 2 cores, 2 workers: jobs 0 and 1 run side by side (1 thread each); job 2 is the last round's only job: both.
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert run_on_devices(job_threads, [(0.5,), (1.0,), (0.0,)], ["cpu", "cpu"], "test") == [1, 1, 2]
+        assert run_on_devices(job_threads, [()] * 3, ["cpu", "cpu"], "test") == [1, 1, 2]
     finally:
         torch.set_num_threads(threads)
 
 
-def test_threads_of_a_job_are_its_share_of_the_cores_among_the_workers_still_busy():
-    assert threads_for(cores=2, cpu_workers=2, unstarted=5) == 1
-    assert threads_for(cores=2, cpu_workers=2, unstarted=1) == 2  # the 5th fold of 5 on 2 workers
-    assert threads_for(cores=16, cpu_workers=5, unstarted=5) == 3
-    assert threads_for(cores=16, cpu_workers=5, unstarted=2) == 8
-    assert threads_for(cores=1, cpu_workers=2, unstarted=2) == 1  # never below one
+def test_threads_of_a_job_are_its_share_of_the_cores_among_the_workers_its_round_keeps_busy():
+    assert [threads_for(cores=2, cpu_workers=2, jobs=5, index=i) for i in range(5)] == [1, 1, 1, 1, 2]
+    assert [threads_for(cores=2, cpu_workers=2, jobs=2, index=i) for i in range(2)] == [1, 1]  # no short round
+    assert [threads_for(cores=16, cpu_workers=5, jobs=5, index=i) for i in range(5)] == [3] * 5
+    assert [threads_for(cores=16, cpu_workers=3, jobs=5, index=i) for i in range(5)] == [5, 5, 5, 8, 8]
+    assert threads_for(cores=1, cpu_workers=2, jobs=3, index=0) == 1  # never below one
 
 
 def test_more_devices_than_jobs_start_no_idle_worker():

@@ -18,12 +18,15 @@ pytestmark = pytest.mark.slow
 
 # What makes configs/gpu.yaml a CPU smoke run; everything else (backbones, EMA, mixup, cutmix, augment,
 # channels_last, the search space) stays the preset's. TTA keeps one of its transforms (hflip: 2 views instead of
-# the 16 of all three; every transform is tested in tests/test_infer.py). The features member keeps the preset's
-# patch and stride but learns the smoke preset's 16 filters from 2,000 patches (256 from 100,000: 12 s on one core).
+# the 16 of all three; every transform is tested in tests/test_infer.py), and the folds train in this process (a
+# CPU worker per core would start longer than they take; tests/test_devices.py runs workers). The features member
+# keeps the preset's patch and stride but learns the smoke preset's 16 filters from 2,000 patches (256 from 100,000:
+# 12 s on one core).
 SHRINK = ["paths.work_dir=work", "data.image_size=32", "data.elpv_size=240", "data.workers=1", "folds.n_splits=2",
           "train.epochs=1", "train.batch_size=16", "train.pretrained=false", "train.freeze_epochs=0",
-          "tune.n_trials=1", "tune.epochs=1", "tune.folds=[0]", "runtime.amp=off", "runtime.compile=false",
-          "runtime.eval_batch_size=32", "infer.tta=[hflip]", "features.clusters=16", "features.patches=2000"]
+          "tune.n_trials=1", "tune.epochs=1", "tune.folds=[0]", "train.devices=[cpu]", "runtime.amp=off",
+          "runtime.compile=false", "runtime.eval_batch_size=32", "infer.tta=[hflip]", "features.clusters=16",
+          "features.patches=2000"]
 
 
 def run(args, cwd):
