@@ -3,12 +3,12 @@ every core?
 
     python benchmarks/cpu_workers.py [--steps N] [--repeats N] [--config FILE] [key=value ...]
 
-Times the training step of each backbone of the config (random images of the configured size and channels, the
-configured batch, AdamW, channels_last as configured) two ways, alternating ``--repeats`` times so a slow spell of the
-shared machine hits both alike: in this process on all of torch's threads (``train.devices=[cpu]``), and as one
-``pipeline.devices`` worker per core, all stepping at once (what ``train.devices=auto`` does on the CPU). Prints
-images/s of each and their ratio (the median over the repeats); writes ``benchmarks/cpu_workers.json``. Target: a
-ratio above 1 wherever ``auto`` starts workers, which is why it does.
+Times the training loop of each backbone of the config (``train_one_epoch`` on a random batch of the configured size,
+channels and batch, with the model, loss and optimizer train builds) two ways, alternating ``--repeats`` times so a
+slow spell of the shared machine hits both alike: in this process on all of torch's threads (``train.devices=[cpu]``),
+and as one ``pipeline.devices`` worker per core, all stepping at once (what ``train.devices=auto`` does on the CPU).
+Prints images/s of each and their ratio (the median over the repeats); writes ``benchmarks/cpu_workers.json``.
+Target: a ratio above 1 wherever ``auto`` starts workers, which is why it does.
 """
 
 from __future__ import annotations
@@ -26,33 +26,38 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline import builders  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.devices import run_on_devices  # noqa: E402
+from pipeline.engine import StepState, train_one_epoch  # noqa: E402
+from pipeline.models import Heads, create_model  # noqa: E402
 
 WARM_UP_STEPS = 3
+CLASSES = ["a", "b", "c", "d"]
 
 
-def images_per_second(device: str, name: str, size: int, channels: int, batch: int, steps: int,
-                      channels_last: bool) -> float:
-    """Training steps of timm model ``name`` on random batches, after a warm-up: images a second."""
-    import timm
-
+def images_per_second(device: str, cfg: Config, backbone: str, steps: int) -> float:
+    """The training loop's steps (``train_one_epoch``, the backbone's model, loss and optimizer as train builds them)
+    on one random uint8 batch of the configured size, after a warm-up: images a second."""
+    cfg = cfg.for_backbone(backbone)
+    channels, (height, width), batch = cfg.data.channels, cfg.data.size_hw, cfg.train.batch_size
+    heads = Heads(CLASSES, [("target", CLASSES)])
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=4, in_chans=channels)
-    images = torch.rand(batch, channels, size, size)
-    if channels_last:
+    model = create_model(builders.timm_name(cfg, backbone), heads, channels, [0.5] * channels, [0.25] * channels)
+    if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    targets = torch.randint(0, 4, (batch,))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    for step in range(WARM_UP_STEPS + steps):
-        if step == WARM_UP_STEPS:
-            started = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    targets = torch.randint(0, len(CLASSES), (batch, 1))
+    compute_loss, _ = builders.make_loss(cfg, heads, targets.numpy())
+    optimizer = builders.make_optimizer(cfg, model)
+    images = torch.randint(0, 256, (batch, channels, height, width), dtype=torch.uint8)
+
+    def run(count: int) -> None:
+        train_one_epoch(model, [(images, targets)] * count, optimizer, compute_loss, torch.device(device),
+                        state=StepState(), channels_last=cfg.runtime.channels_last, desc="bench")
+
+    run(WARM_UP_STEPS)
+    started = time.perf_counter()
+    run(steps)
     return steps * batch / (time.perf_counter() - started)
 
 
@@ -69,9 +74,7 @@ def main() -> None:
                "torch": torch.__version__, "image_size": cfg.data.image_size, "batch": cfg.train.batch_size,
                "backbones": {}}
     for backbone in cfg.backbones:
-        name = cfg.for_backbone(backbone).train.model or backbone
-        job = (name, cfg.data.image_size, cfg.data.channels, cfg.train.batch_size, args.steps,
-               cfg.runtime.channels_last)
+        job = (cfg, backbone, args.steps)
         one, workers = [], []
         for _ in range(args.repeats):
             one.append(images_per_second("cpu", *job))
