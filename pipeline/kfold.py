@@ -193,7 +193,7 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
     done = store.finished()
     if done is not None:
         print(f"{label}: already trained (best {cfg.metric} {done['best_score']:.4f} at epoch "
-              f"{done['best_epoch']}), skipped", file=sys.stderr)
+              f"{done['best_epoch'] + 1}), skipped", file=sys.stderr)  # best_epoch counts from 0, the log from 1
         return FoldResult(fold, done["best_score"], done["best_epoch"], validation_indices, done["proba"],
                           done["history"])
 

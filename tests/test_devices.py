@@ -2,10 +2,14 @@
 
 On the CPU, `train.devices=[cpu, cpu]` runs two folds at once: train, infer and tune write what a run on one device
 writes, the workers really run at the same time, and a worker that dies stops the stage with a message while every
-job finished before it stays finished."""
+job finished before it stays finished; a killed stage takes its workers with it."""
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_config
+from conftest import ROOT, make_config
 from pipeline import folds, infer, prepare, train, tune
 from pipeline.devices import resolve_devices, run_on_devices, threads_for
 from pipeline.errors import ConfigError, PipelineError
@@ -87,6 +91,50 @@ def test_a_dead_worker_stops_the_stage_with_a_message_and_keeps_what_finished(tm
     assert (tmp_path / "ok").read_text() == "cpu"
 
 
+def linger(device: str, folder: str, name: str) -> str:
+    """A job that writes its worker's process id, then outlasts the test unless its worker is stopped."""
+    Path(folder, f"{name}.pid").write_text(str(os.getpid()))
+    time.sleep(300)
+    return name
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an exited child nobody reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the workers' state through /proc")
+def test_workers_stop_soon_after_their_stage_process_is_killed(tmp_path):
+    stage = subprocess.Popen(
+        [sys.executable, "-c", "from pipeline.devices import run_on_devices; from test_devices import linger; "
+         f"run_on_devices(linger, [({str(tmp_path)!r}, 'a'), ({str(tmp_path)!r}, 'b')], ['cpu', 'cpu'], 'test')"],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}, start_new_session=True)
+    pid_files = [tmp_path / "a.pid", tmp_path / "b.pid"]
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not all(f.exists() and f.read_text() for f in pid_files):
+            assert stage.poll() is None and time.monotonic() < deadline, "the two jobs did not start"
+            time.sleep(0.05)
+        workers = [int(f.read_text()) for f in pid_files]
+        stage.send_signal(signal.SIGKILL)  # as `kill -9` or an out-of-memory kill would: no clean-up runs
+        stage.wait()
+        deadline = time.monotonic() + 15
+        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(running(pid) for pid in workers), "a worker went on with its job after the stage was killed"
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stage.pid, signal.SIGKILL)
+
+
 def test_device_names_resolve_or_fail_with_the_key():
     assert resolve_devices(["cpu", "cpu"], "auto") == ["cpu", "cpu"]
     if not torch.cuda.is_available():
@@ -125,7 +173,9 @@ def test_two_cpu_devices_train_infer_and_tune_as_one_device_does(tmp_path, capfd
         assert keys[0] == keys[1]
     capfd.readouterr()
     train.main(make_config(two, "backbones=[lcnet_050]", "train.epochs=2"))  # one device after two: nothing to do
-    assert capfd.readouterr().err.count("already trained") == 2
+    skipped = capfd.readouterr().err
+    assert skipped.count("already trained") == 2
+    assert skipped.count("at epoch 2), skipped") == 2  # the kept epoch is the last, counted from 1 like the epoch log
 
     infer.main(cfg)
     infer.main(parallel)
