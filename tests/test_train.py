@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import make_config
-from pipeline import builders, folds, infer, kfold, metrics, prepare, train
+from pipeline import builders, ensemble, folds, infer, kfold, metrics, prepare, train
 from pipeline.engine import StepState, train_one_epoch
 from pipeline.errors import ConfigError
+from pipeline.images import Cache
 from pipeline.models import Heads, check_backbone, create_model
 
 
@@ -162,3 +163,22 @@ def test_composed_heads_give_a_distribution_over_the_submitted_classes():
     torch.testing.assert_close(proba.sum(1), torch.ones(5))
     mask, gender, age = (part.softmax(1) for part in heads.split(logits))
     torch.testing.assert_close(proba[:, 17], mask[:, 2] * gender[:, 1] * age[:, 2])
+
+
+@pytest.mark.slow
+def test_one_model_under_two_seeds_is_two_members_with_their_own_weights(tmp_path):
+    # A seed ensemble is configured, not built: two backbones entries naming one timm model, each its own train.seed.
+    two_seeds = "backbones={lcnet_050_s0: {model: lcnet_050, seed: 0}, lcnet_050_s1: {model: lcnet_050, seed: 1}}"
+    cfg = make_config(tmp_path / "work", "features.enabled=false", "infer.tta=[]", two_seeds)
+    prepare.main(cfg)
+    folds.main(cfg)
+    train.main(cfg)
+    infer.main(cfg)
+    first, second = (torch.load(cfg.path("models") / name / "fold0" / "best.pt", weights_only=False)
+                     for name in ("lcnet_050_s0", "lcnet_050_s1"))
+    assert (first["config"]["train"]["seed"], second["config"]["train"]["seed"]) == (0, 1)
+    assert {k: v.shape for k, v in first["model"].items()} == {k: v.shape for k, v in second["model"].items()}
+    assert any(not torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+    members = ensemble.load_members(cfg, Cache.open(cfg))
+    assert members.names == ["lcnet_050_s0", "lcnet_050_s1"]
+    assert not np.allclose(members.oof[0], members.oof[1])
