@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import layout, metrics  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.ensemble import member_files  # noqa: E402
+from pipeline.errors import ConfigError, DataError  # noqa: E402
 from pipeline.features import training_rows  # noqa: E402
 from pipeline.images import Cache  # noqa: E402
 
@@ -89,7 +90,11 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="the runs' overrides")
     parser.add_argument("--out", type=Path, help="the first setting's OOF of the first run, as a parquet file")
     args = parser.parse_args()
-    runs = [run_members(work, args.config, args.set) for work in args.works]
+    try:
+        runs = [run_members(work, args.config, args.set) for work in args.works]
+    except (DataError, ConfigError, FileNotFoundError, KeyError) as error:
+        print(f"neighbours: {error} (is every WORK a finished run's work directory?)", file=sys.stderr)
+        sys.exit(2)
     print("| size | k | temperature | neighbours: OOF macro-F1 / accuracy | soft vote of the run's members | "
           "with the neighbours | gain in macro-F1 by run |")
     print("|---|---|---|---|---|---|---|")

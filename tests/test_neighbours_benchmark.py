@@ -1,5 +1,6 @@
 """benchmarks/neighbours.py: a nearest-neighbour member's OOF probabilities, by hand."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,3 +43,10 @@ def test_each_row_is_predicted_by_the_other_folds_only():
     assert oof[:4] == pytest.approx(np.array([[near, far], [far, near], [near, far], [far, near]]))
     # Fold 1's rows see fold 0's: two rows at distance 0, one of each label.
     assert oof[4:] == pytest.approx(np.full((2, 2), 0.5))
+
+
+def test_a_folder_that_is_no_run_exits_2_naming_what_is_missing(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "neighbours.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(tmp_path / "cache" / "meta.json") in result.stderr
