@@ -3,7 +3,7 @@
     python benchmarks/neighbours.py WORK [WORK ...] [--size 32] [-k 3] [--temperature 0.1] [--set KEY=VALUE ...]
 
 WORK is a run's work directory (one of ``benchmarks/splits.py``'s, or ``work``): its image cache, folds.csv and the
-members' OOF files, found as the ensemble stage finds them (``--config`` and ``--set``: the run's settings).
+members' OOF files, read and checked by the ensemble stage's own loader (``--config``, ``--set``: the run's settings).
 Each training image's class probabilities come from its ``k`` nearest training images **of the other folds**
 (scikit-learn's KNeighborsClassifier; cosine distance between the cached images area-averaged to ``size`` x ``size``
 pixels, each minus the fitting rows' mean image), weighted ``exp(-(distance - nearest distance) / temperature)``. No
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import layout, metrics  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.ensemble import member_files  # noqa: E402
+from pipeline.ensemble import load_members  # noqa: E402
 from pipeline.errors import ConfigError, DataError  # noqa: E402
 from pipeline.features import training_rows  # noqa: E402
 from pipeline.images import Cache  # noqa: E402
@@ -68,16 +68,13 @@ def neighbour_oof(x: np.ndarray, labels: np.ndarray, folds: np.ndarray, n_classe
 
 
 def run_members(work: Path, config: str, overrides: list[str]) -> tuple:
-    """(config, cache, ids, integer labels, folds, cache rows, each member's OOF probabilities in that id order), the
-    members and their files as the ensemble stage reads them."""
+    """(config, cache, the members as the ensemble stage reads and checks them, each OOF row's place in the cache)."""
     cfg = load_config(config, [*overrides, *layout.overrides_under(work)])
     cache = Cache.open(cfg)
-    ids, labels, folds, rows = training_rows(cfg, cache)
-    members = []
-    for oof_file, _, _ in member_files(cfg).values():
-        table = pd.read_parquet(oof_file).assign(id=lambda t: t["id"].astype(str)).set_index("id")
-        members.append(table.loc[ids, cache.class_names].to_numpy(dtype=float))
-    return cfg, cache, ids, labels, folds, rows, members
+    members = load_members(cfg, cache)
+    ids, _, _, rows = training_rows(cfg, cache)
+    row_of = dict(zip(ids, rows))
+    return cfg, cache, members, np.array([row_of[i] for i in members.ids])
 
 
 def main() -> None:
@@ -92,28 +89,29 @@ def main() -> None:
     args = parser.parse_args()
     try:
         runs = [run_members(work, args.config, args.set) for work in args.works]
-    except (DataError, ConfigError, FileNotFoundError, KeyError) as error:
+    except (DataError, ConfigError, FileNotFoundError) as error:
         print(f"neighbours: {error} (is every WORK a finished run's work directory?)", file=sys.stderr)
         sys.exit(2)
     print("| size | k | temperature | neighbours: OOF macro-F1 / accuracy | soft vote of the run's members | "
           "with the neighbours | gain in macro-F1 by run |")
     print("|---|---|---|---|---|---|---|")
-    for setting_index, (size, k, temperature) in enumerate(itertools.product(args.size, args.k, args.temperature)):
-        scores = []
-        for run_index, (cfg, cache, ids, labels, folds, rows, members) in enumerate(runs):
-            x = downsampled(cache.images("train")[rows], size)
-            oof = neighbour_oof(x, labels, folds, len(cache.class_names), k, temperature)
-            if args.out and setting_index == 0 and run_index == 0:
-                table = pd.DataFrame(oof, columns=cache.class_names).assign(id=ids, fold=folds)
-                table[["id", "fold", *cache.class_names]].to_parquet(args.out, index=False)
-            scores.append([metrics.score(name, labels, proba) for proba in (oof, np.mean(members, 0),
-                                                                            np.mean([*members, oof], 0))
-                           for name in (cfg.metric, "accuracy")])
-        mean = np.mean(scores, 0)
-        gains = ", ".join(f"{row[4] - row[2]:+.4f}" for row in scores)
-        print(f"| {size} | {k} | {temperature} | {mean[0]:.4f} / {mean[1]:.4f} | {mean[2]:.4f} / {mean[3]:.4f} | "
-              f"{mean[4]:.4f} / {mean[5]:.4f} | {gains} |", flush=True)
-
+    first_setting = (args.size[0], args.k[0], args.temperature[0])
+    for size in args.size:
+        pixels = [downsampled(cache.images("train")[rows], size) for _, cache, _, rows in runs]  # once per size
+        for k, temperature in itertools.product(args.k, args.temperature):
+            scores = []
+            for run_index, ((cfg, cache, members, _), x) in enumerate(zip(runs, pixels)):
+                oof = neighbour_oof(x, members.y_true, members.folds, len(cache.class_names), k, temperature)
+                if args.out and run_index == 0 and (size, k, temperature) == first_setting:
+                    table = pd.DataFrame(oof, columns=cache.class_names).assign(id=members.ids, fold=members.folds)
+                    table[["id", "fold", *cache.class_names]].to_parquet(args.out, index=False)
+                scores.append([metrics.score(name, members.y_true, proba)
+                               for proba in (oof, members.oof.mean(0), np.mean([*members.oof, oof], 0))
+                               for name in (cfg.metric, "accuracy")])
+            mean = np.mean(scores, 0)
+            gains = ", ".join(f"{row[4] - row[2]:+.4f}" for row in scores)
+            print(f"| {size} | {k} | {temperature} | {mean[0]:.4f} / {mean[1]:.4f} | {mean[2]:.4f} / {mean[3]:.4f} | "
+                  f"{mean[4]:.4f} / {mean[5]:.4f} | {gains} |", flush=True)
 
 if __name__ == "__main__":
     main()
