@@ -33,7 +33,7 @@ from pipeline import layout, metrics  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.ensemble import load_members  # noqa: E402
 from pipeline.errors import ConfigError, DataError  # noqa: E402
-from pipeline.features import training_rows  # noqa: E402
+from pipeline.linear import training_rows  # noqa: E402
 from pipeline.images import Cache  # noqa: E402
 
 

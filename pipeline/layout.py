@@ -16,7 +16,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from pipeline.config import FEATURES_MEMBER, Config, Paths  # noqa: F401 (FEATURES_MEMBER re-exported)
+from pipeline.config import EMBED_MEMBER, FEATURES_MEMBER, Config, Paths  # noqa: F401 (the members re-exported)
 
 # Inside the image cache (prepare writes them into a temporary folder, then renames it).
 CACHE_META = "meta.json"
@@ -35,6 +35,8 @@ FOLD_PSEUDO_LABELS = "pseudo_labels.csv"  # in a pseudo-label round's fold folde
 FEATURES_OOF = "oof.parquet"
 FEATURES_TEST = "test.parquet"
 FEATURES_NOTE = "disabled.txt"  # what the folder holds instead when features.enabled is false
+# Inside the embed folder: the same three names (a member's OOF and test tables, the note when disabled).
+EMBED_OOF, EMBED_TEST, EMBED_NOTE = FEATURES_OOF, FEATURES_TEST, FEATURES_NOTE
 # Inside the ensemble folder.
 ENSEMBLE_OOF = "oof.parquet"
 ENSEMBLE_TEST = "test.parquet"
@@ -46,7 +48,7 @@ ENSEMBLE_CORRELATION = "correlation.png"
 ENSEMBLE_SCORES = "ensemble.json"
 SUBMISSION_SCORES = "submission.json"
 
-STAGES = ("prepare", "eda", "folds", "tune", "train", "infer", "features", "ensemble", "submit")
+STAGES = ("prepare", "eda", "folds", "tune", "train", "infer", "features", "embed", "ensemble", "submit")
 PER_BACKBONE = ("tune", "train", "infer")  # dvc.yaml's foreach stages over `backbones`
 
 
@@ -97,8 +99,15 @@ def cache_stamp(cfg: Config) -> Path:
     return folder.with_name(f".{folder.name}.stamp.json")
 
 
-def cache_images_name(split: str) -> str:
-    return f"{split}.npy"
+def cache_images_name(split: str, size_hw: tuple[int, int] | None = None) -> str:
+    """A split's cached images: ``train.npy`` at ``data.image_size``, ``train_224x224.npy`` at another size."""
+    return f"{split}.npy" if size_hw is None else f"{split}_{size_hw[0]}x{size_hw[1]}.npy"
+
+
+def cache_extra_sizes(cfg: Config) -> list[tuple[int, int]]:
+    """The sizes the cache holds beside ``data.image_size``: the embed stage's, when it runs and differs."""
+    size = (cfg.embed.image_size, cfg.embed.image_size)
+    return [size] if cfg.embed.enabled and size != cfg.data.size_hw else []
 
 
 def cache_index_name(split: str) -> str:
@@ -230,6 +239,14 @@ def features_metrics_file(cfg: Config) -> Path:
     return metrics_dir(cfg) / f"{FEATURES_MEMBER}.json"
 
 
+def embed_dir(cfg: Config) -> Path:
+    return _under(cfg, "embed")
+
+
+def embed_metrics_file(cfg: Config) -> Path:
+    return metrics_dir(cfg) / f"{EMBED_MEMBER}.json"
+
+
 def ensemble_dir(cfg: Config) -> Path:
     return _under(cfg, "ensemble")
 
@@ -268,7 +285,8 @@ def stage_inputs(cfg: Config, stage: str, backbone: str | None = None) -> list[P
         "train": lambda: [cache, folds, tuning_dir(cfg, backbone)],
         "infer": lambda: [model_dir(cfg, backbone), cache, folds, tuning_dir(cfg, backbone)],
         "features": lambda: [cache, folds],
-        "ensemble": lambda: [_under(cfg, "preds"), _under(cfg, "oof"), features_dir(cfg), folds, cache],
+        "embed": lambda: [cache, folds],
+        "ensemble": lambda: [_under(cfg, "preds"), _under(cfg, "oof"), features_dir(cfg), embed_dir(cfg), folds, cache],
         "submit": lambda: [ensemble_dir(cfg) / ENSEMBLE_TEST, ensemble_scores_file(cfg),
                            ensemble_dir(cfg) / ENSEMBLE_WEIGHTS, cache],
     }
@@ -287,6 +305,7 @@ def stage_outputs(cfg: Config, stage: str, backbone: str | None = None) -> list[
                           confusion_file(cfg, backbone), train_metrics_file(cfg, backbone)],
         "infer": lambda: [preds_file(cfg, backbone), preds_oof_file(cfg, backbone), tta_file(cfg, backbone)],
         "features": lambda: [features_dir(cfg), features_metrics_file(cfg)],
+        "embed": lambda: [embed_dir(cfg), embed_metrics_file(cfg)],
         "ensemble": lambda: [*(ensemble / name for name in (ENSEMBLE_OOF, ENSEMBLE_TEST, ENSEMBLE_WEIGHTS,
                                                             ENSEMBLE_REPORT, ENSEMBLE_TABLE, ENSEMBLE_CORRELATION)),
                              ensemble_scores_file(cfg)],

@@ -12,11 +12,11 @@ from __future__ import annotations
 import difflib
 import itertools
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline import weights
 from pipeline.formula import eval_formula
 from pipeline.errors import ConfigError, PipelineError
 
@@ -98,6 +98,10 @@ class Classifier(nn.Module):
         x = (images.float() - self.mean) / self.std
         return self.backbone(x)
 
+    def normalisation(self) -> tuple[list[float], list[float]]:
+        """The (mean, std) per channel, 0-1 scale, this model normalises with: what its checkpoint records."""
+        return (self.mean / 255.0).flatten().tolist(), (self.std / 255.0).flatten().tolist()
+
 
 class ProbabilityModel(nn.Module):
     """Images -> submitted-class probabilities; what TTA wraps, so views merge as probabilities."""
@@ -126,9 +130,12 @@ def create_model(name: str, heads: Heads, in_chans: int, mean: list[float], std:
                  drop_path_rate: float = 0.0) -> Classifier:
     """A timm backbone with ``sum(heads.sizes)`` outputs, wrapped to take uint8 images.
 
-    ``pretrained`` loads timm's weights for ``name`` (from the Hugging Face hub, which
-    needs the network) or, with ``pretrained_file``, from a local .pth/.safetensors file;
-    timm adapts the first convolution to ``in_chans`` and drops the old classifier.
+    ``pretrained`` loads timm's weights for ``name`` from the Hugging Face hub (or its local cache; without the
+    network it fails at once, ``weights.hub_weights``); ``pretrained_file`` (a path or a packaged name,
+    ``weights.PACKAGED``) loads a local file instead, strictly (``weights.load_weights``). Either way the first
+    convolution is adapted to ``in_chans``, the old classifier is dropped, and the images are normalised as the
+    weights expect (their timm pretrained config); ``mean``/``std`` (0-1 scale, per channel) normalise a model
+    that starts from scratch, or one rebuilt from a checkpoint (whose state_dict brings its own).
     """
     import timm
 
@@ -136,27 +143,30 @@ def create_model(name: str, heads: Heads, in_chans: int, mean: list[float], std:
     kwargs = {"num_classes": sum(heads.sizes), "in_chans": in_chans, "drop_rate": drop_rate}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
-    if pretrained_file:
-        if not Path(pretrained_file).is_file():
-            raise ConfigError(f"train.pretrained_file {pretrained_file} does not exist")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
-    try:
-        backbone = timm.create_model(name, pretrained=pretrained or bool(pretrained_file), **kwargs)
-    except TypeError as error:
-        if "drop_path_rate" in str(error):
-            kwargs.pop("drop_path_rate")
-            backbone = timm.create_model(name, pretrained=pretrained or bool(pretrained_file), **kwargs)
-        else:
-            raise
-    except (OSError, RuntimeError, ValueError) as error:
-        if not (pretrained or pretrained_file):
-            raise
-        raise PipelineError(
-            f"cannot load pretrained weights for {name!r} ({type(error).__name__}: {str(error)[:200]}). "
-            f"Without network access, download them elsewhere (e.g. timm.create_model({name!r}, pretrained=True) "
-            f"then torch.save(model.state_dict(), 'weights.pth')) and set train.pretrained_file=weights.pth, "
-            f"or train from scratch with train.pretrained=false") from None
+    path = weights.resolve_weights(pretrained_file) if pretrained_file else None
+    if pretrained and path is None:
+        with weights.hub_weights(name):
+            backbone = timm_backbone(name, True, kwargs)
+    else:
+        backbone = timm_backbone(name, False, kwargs)
+    if path is not None:
+        weights.load_weights(backbone, path)
+    if pretrained or path is not None:
+        mean, std = weights.input_normalisation(timm.data.resolve_data_config({}, model=backbone), in_chans)
     return Classifier(backbone, mean, std)
+
+
+def timm_backbone(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """``timm.create_model``, without ``drop_path_rate`` for the backbones that take none."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as error:
+        if "drop_path_rate" not in str(error):
+            raise
+        return timm.create_model(name, pretrained=pretrained, **{k: v for k, v in kwargs.items()
+                                                                  if k != "drop_path_rate"})
 
 
 def classifier_parameters(model: Classifier) -> list[nn.Parameter]:

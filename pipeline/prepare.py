@@ -86,7 +86,10 @@ def cache_is_current(cfg: Config, competition: Competition) -> tuple[bool, dict]
     """Whether the cache was built from these images and settings, and the stamp that says so on this machine:
     the quick key and the fingerprint, kept beside the cache (outside what DVC tracks and shares)."""
     meta_path, stamp_path = layout.cache_dir(cfg) / layout.CACHE_META, layout.cache_stamp(cfg)
-    built = json.loads(meta_path.read_text()).get("fingerprint") if meta_path.exists() else None
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    built = meta.get("fingerprint")
+    if meta.get("extra_sizes", []) != [list(size) for size in layout.cache_extra_sizes(cfg)]:
+        built = None  # the same images, but not at every size the config asks for
     stamp = {"quick": quick_key(cfg, competition), "fingerprint": built}
     with contextlib.suppress(OSError, ValueError):
         if built and json.loads(stamp_path.read_text()) == stamp:
@@ -216,6 +219,10 @@ def main(cfg: Config) -> dict:
             failures += problems
             if split == "train":
                 total, squares = split_total, split_squares
+            for size_hw in layout.cache_extra_sizes(cfg):  # the embed stage's larger images
+                failures += decode_split(list(frame["path"]), size_hw, channels,
+                                         folder / layout.cache_images_name(split, size_hw), workers,
+                                         f"prepare {split} {size_hw[0]}x{size_hw[1]}")[0]
         if failures:
             listing = "\n  ".join(f"{path}: {problem}" for path, problem in failures[:50])
             more = f"\n  ... and {len(failures) - 50} more" if len(failures) > 50 else ""
@@ -230,6 +237,7 @@ def main(cfg: Config) -> dict:
             table["path"] = table["path"].astype(str)
             table.to_parquet(folder / layout.cache_index_name(split), index=False)
         meta = {"fingerprint": key, "size_hw": list(cfg.data.size_hw), "channels": channels,
+                "extra_sizes": [list(size) for size in layout.cache_extra_sizes(cfg)],
                 "class_names": competition.class_names, "heads": competition.heads, "aux": competition.aux,
                 "compose": competition.compose, "id_col": competition.id_col, "target_col": competition.target_col,
                 "mean": (mean / 255.0).tolist(), "std": (std / 255.0).tolist()}

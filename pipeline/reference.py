@@ -24,7 +24,7 @@ from pipeline.config import Config, Section, TuneParam
 
 ROOT = Path(__file__).resolve().parents[1]
 # The page's sections in the order of params.yaml; `metric` and `backbones` are top-level keys.
-SECTIONS = ["paths", "data", "metric", "folds", "backbones", "train", "runtime", "tune", "infer", "features",
+SECTIONS = ["paths", "data", "metric", "folds", "backbones", "train", "runtime", "tune", "infer", "features", "embed",
             "ensemble", "submit"]
 
 INTRO = """\

@@ -53,9 +53,10 @@ def train_refit(cfg: Config, backbone: str, data: TrainingData, epochs: int) -> 
         loss = run_epoch(cfg, build, data, rows, REFIT_FOLD, epoch, epochs, label, device, amp)
         progress.history.append({"epoch": epoch + 1, "train_loss": loss})
         print(f"{label} epoch {epoch + 1}/{epochs}: train_loss {loss:.4f}", file=sys.stderr)
+        mean, std = build.model.normalisation()  # the pretrained weights' own, when they set it
         payload = {"model": build.evaluated.state_dict(), "backbone": timm_name(cfg, backbone),
                    "heads": data.heads.to_dict(),
-                   "in_chans": cfg.data.channels, "mean": data.mean, "std": data.std,
+                   "in_chans": cfg.data.channels, "mean": mean, "std": std,
                    "config": provenance.public_config(cfg), "epoch": epoch, "key": store.key}
         store.save_epoch({}, payload, build, progress, improved=epoch == epochs - 1)
     summary = {"key": store.key, "epochs": epochs, "history": progress.history}

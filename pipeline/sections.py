@@ -73,6 +73,27 @@ class Tune(Section):
     """Seconds between a database worker's heartbeats; a dead worker's trial fails after two."""
 
 
+class Embed(Section):
+    """The embed stage's member: a frozen ImageNet-pretrained backbone's pooled features, a logistic regression per
+    fold. One forward pass per image and view, no training of the network: a strong, cheap member on a CPU."""
+
+    enabled: bool = True
+    """Add the member to the ensemble (false: the stage writes only a note and the ensemble leaves it out)."""
+    backbones: list[str] = Field(default_factory=lambda: ["efficientnet_lite0"], min_length=1)
+    """The frozen backbones, their features side by side: a packaged weight (`efficientnet_lite0`, `_lite1`,
+    `_lite2`: offline), a path to a weights file as `timm_model=path`, or a timm name (hub weights: the network)."""
+    image_size: int = Field(default=224, ge=16)
+    """The size the backbones read (prepare caches the images at this size too)."""
+    flip: bool = True
+    """Average each image's features with its mirror image's (a second forward pass)."""
+    inverse_regularisation: float = Field(default=0.03, gt=0)
+    """scikit-learn's `C` of the logistic regression: smaller is a stronger L2 penalty."""
+    balance_power: float = Field(default=0.5, ge=0, le=1)
+    """Class weights `count**-power` in the regression (0: none, 1: balanced)."""
+    batch_size: int = Field(default=64, ge=1)
+    """Images per forward pass."""
+
+
 class Infer(Section):
     tta: list[str] = Field(default_factory=lambda: ["hflip", "vflip"])
     """ttach views, combined: `hflip`, `vflip`, `rotate90`, `multiscale`, `brightness`."""

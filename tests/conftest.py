@@ -43,9 +43,9 @@ def make_config(work_dir: Path, *overrides: str):
     return load_config(ROOT / "configs" / "smoke.yaml", [*overrides_under(work_dir), *overrides])
 
 
-def make_config_without_features(work_dir: Path, *overrides: str):
-    """``make_config`` without the features member, for tests that build every member's files by hand."""
-    return make_config(work_dir, "features.enabled=false", *overrides)
+def make_config_backbones_only(work_dir: Path, *overrides: str):
+    """``make_config`` without the features and embed members, for tests that build every member's files by hand."""
+    return make_config(work_dir, "features.enabled=false", "embed.enabled=false", *overrides)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_config_without_features as make_config
+from conftest import make_config_backbones_only as make_config
 
 from pipeline import blending, ensemble, metrics, selection, submit
 from pipeline.artifacts import probability_table

@@ -51,41 +51,6 @@ def test_learned_filters_have_the_images_channels_and_shape():
     assert features.encode(images, filters, 1, 0.5).shape == (10, 4 * 13)
 
 
-def test_class_weights_by_hand():
-    labels = np.array([0, 0, 0, 0, 1])
-    # power 1: 1/4 and 1, scaled to mean 1 over the labels: (4 * 0.25 + 1) / 5 = 0.4 -> 0.625, 2.5
-    assert features.class_weights(labels, 3, 1.0) == pytest.approx({0: 0.625, 1: 2.5})
-    # power 0.5: 1/2 and 1, mean (4 * 0.5 + 1) / 5 = 0.6; class 2 is absent and gets no weight
-    assert features.class_weights(labels, 3, 0.5) == pytest.approx({0: 0.5 / 0.6, 1: 1 / 0.6})
-
-
-def test_cross_fit_never_predicts_a_row_with_a_model_that_saw_it():
-    """Each row has a feature of its own (an identity matrix) and a random label: a model that saw the row
-    memorises it, one that did not can only guess. The OOF must guess."""
-    rng = np.random.default_rng(0)
-    n = 60
-    labels = rng.integers(0, 2, n)
-    row_folds = np.arange(n) % 3
-    x = np.eye(n)
-    oof, test, fold_rows = features.cross_fit(x, labels, row_folds, x[:5], 2, inverse_regularisation=100.0,
-                                              balance_power=0.0)
-    memorised = features.fit_predict(x, labels, [x], 2, 100.0, 0.0)[0]
-    assert (memorised.argmax(1) == labels).mean() == 1.0
-    assert (oof.argmax(1) == labels).mean() < 0.75
-    np.testing.assert_allclose(oof.sum(1), 1.0)
-    assert sorted(np.concatenate([rows for _, rows in fold_rows]).tolist()) == list(range(n))
-    # the test rows are the folds' models averaged: rows 0-4 were memorised by the two folds that trained on each
-    assert test.shape == (5, 2) and np.allclose(test.sum(1), 1.0)
-
-
-def test_cross_fit_learns_a_separable_problem():
-    rng = np.random.default_rng(1)
-    labels = np.repeat([0, 1, 2], 30)
-    x = np.eye(3)[labels] * 3 + rng.normal(scale=0.5, size=(90, 3))
-    oof, _, _ = features.cross_fit(x, labels, np.arange(90) % 5, x[:3], 3, 1.0, 0.5)
-    assert (oof.argmax(1) == labels).mean() > 0.95
-
-
 def test_a_backbone_named_like_the_member_is_refused():
     with pytest.raises(ConfigError, match="features"):
         load_config(None, ["backbones=[features]"])
@@ -119,7 +84,7 @@ def test_the_stage_writes_a_member_the_ensemble_reads(smoke_work, smoke_config):
     # The ensemble takes it as a member beside the backbones; with the backbones' files absent it names theirs.
     with pytest.raises(Exception, match="lcnet_050"):
         ensemble.load_members(cfg, ensemble.Cache.open(cfg))
-    assert list(ensemble.member_files(cfg))[-1] == "features"
+    assert list(ensemble.member_files(cfg))[-2] == "features"
     assert "features" not in ensemble.member_files(smoke_config("features.enabled=false"))
 
 
@@ -159,3 +124,24 @@ def test_patch_and_stride_pair_up_one_dictionary_each():
     assert (cfg.features.patch, cfg.features.stride) == ([8], [4])
     with pytest.raises(ConfigError, match=r"features.patch \[6, 8, 10\] and features.stride \[1\]"):
         load_config(None, ["features.patch=[6,8,10]"])
+
+
+def test_each_fold_learns_its_dictionary_from_its_training_images_only(smoke_work, monkeypatch):
+    """The whitening and the k-means dictionary see a fold's training images, never its held-out images nor the
+    test images: each call of learn_filters gets exactly one fold's training rows, and every fold gets one call."""
+    cfg = smoke_work
+    seen = []
+    learn = features.learn_filters
+    monkeypatch.setattr(features, "learn_filters", lambda images, *args: seen.append(np.array(images)) or learn(
+        images, *args))
+    features.main(cfg)
+    cache = ensemble.Cache.open(cfg)
+    train_images, test_images = np.asarray(cache.images("train")), np.asarray(cache.images("test"))
+    ids = cache.table("train")["id"].astype(str).tolist()
+    fold_of = pd.read_csv(layout.folds_file(cfg), dtype=str).set_index("id")["fold"]
+    image_of = {image.tobytes(): i for i, image in enumerate(train_images)}
+    assert len(seen) == fold_of.nunique()
+    for images, fold in zip(seen, sorted(fold_of.unique())):
+        rows = sorted(image_of[image.tobytes()] for image in images)
+        assert rows == [r for r, i in enumerate(ids) if fold_of[i] != fold]
+        assert not {image.tobytes() for image in images} & {image.tobytes() for image in test_images}

@@ -12,7 +12,7 @@ from pipeline.provenance import imported_modules
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "eda", "folds", "tune", "train", "infer", "features", "ensemble", "submit"]
+STAGES = ["prepare", "eda", "folds", "tune", "train", "infer", "features", "embed", "ensemble", "submit"]
 PER_BACKBONE = {"tune", "train", "infer"}
 
 

@@ -18,7 +18,7 @@ def test_prepare_to_submit_with_three_heads(tmp_path):
     cfg = make_config(tmp_path / "work", "data.source=folder", f"data.dir={competition}", "data.layout=mask",
                       "data.head_cols=[mask,gender,age]", "data.compose='mask*6 + gender*3 + age'",
                       "data.channels=3", "data.image_size=24", "backbones=[lcnet_050]", "infer.tta=[]",
-                      "train.epochs=2", "features.enabled=false")
+                      "train.epochs=2", "features.enabled=false", "embed.enabled=false")
     prepare.main(cfg)
     folds.main(cfg)
     fold_table = pd.read_csv(layout.folds_file(cfg), dtype=str)

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_config_without_features as make_config
+from conftest import make_config_backbones_only as make_config
 
 from pipeline import layout, provenance, submit
 from pipeline.artifacts import probability_table

@@ -169,7 +169,7 @@ def test_composed_heads_give_a_distribution_over_the_submitted_classes():
 def test_one_model_under_two_seeds_is_two_members_with_their_own_weights(tmp_path):
     # A seed ensemble is configured, not built: two backbones entries naming one timm model, each its own train.seed.
     two_seeds = "backbones={lcnet_050_s0: {model: lcnet_050, seed: 0}, lcnet_050_s1: {model: lcnet_050, seed: 1}}"
-    cfg = make_config(tmp_path / "work", "features.enabled=false", "infer.tta=[]", two_seeds)
+    cfg = make_config(tmp_path / "work", "features.enabled=false", "embed.enabled=false", "infer.tta=[]", two_seeds)
     prepare.main(cfg)
     folds.main(cfg)
     train.main(cfg)

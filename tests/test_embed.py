@@ -1,0 +1,117 @@
+"""The embed stage: frozen pretrained features by hand, grey images, the cache's second size, and the stage on the smoke
+competition as an ensemble member."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import embed, ensemble, folds, layout, prepare
+from pipeline.errors import ConfigError, DataError
+from pipeline.images import Cache
+
+
+def test_pooled_by_hand():
+    # one image, two channels of 2 x 2: means 2.5 and 0, maxima 4 and 1
+    feature_map = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[1.0, -1.0], [0.0, 0.0]]]])
+    np.testing.assert_allclose(embed.pooled(feature_map).numpy(), [[2.5, 0.0, 4.0, 1.0]])
+
+
+def test_flip_averages_the_mirror_images_features():
+    """A model whose features are its input's columns: the flipped view's pooled maxima are the same, its means too;
+    a model that reads only the left column sees the mirror's left column (the right one) in the second view."""
+    class LeftColumn(torch.nn.Module):
+        def forward_features(self, x):
+            return x[..., :1]
+
+    image = np.array([[[10], [30]], [[10], [30]]], dtype=np.uint8)[None]  # 1 x 2 x 2 x 1: left 10, right 30
+    plain = embed.embed_images(LeftColumn(), image, [0.0], [1 / 255], flip=False, batch_size=4, desc="t")
+    both = embed.embed_images(LeftColumn(), image, [0.0], [1 / 255], flip=True, batch_size=4, desc="t")
+    np.testing.assert_allclose(plain, [[10.0, 10.0]])
+    np.testing.assert_allclose(both, [[20.0, 20.0]])  # (10 + 30) / 2
+
+
+def test_a_grey_image_reads_the_same_through_a_summed_first_conv_as_three_repeated_channels():
+    """The packaged Lite weights normalise every channel alike (mean 0.5, std 0.5), so a grey image through the summed
+    first convolution (in_chans=1) gives the features that three copies of it give the RGB model: the two grayscale
+    choices are one."""
+    grey, grey_mean, grey_std = embed.frozen_backbone("efficientnet_lite0", 1)
+    rgb, rgb_mean, rgb_std = embed.frozen_backbone("efficientnet_lite0", 3)
+    assert (grey_mean, grey_std) == ([0.5], [0.5]) and (rgb_mean, rgb_std) == ([0.5] * 3, [0.5] * 3)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 1), dtype=np.uint8)
+    one = embed.embed_images(grey, images, grey_mean, grey_std, flip=False, batch_size=2, desc="t")
+    three = embed.embed_images(rgb, np.repeat(images, 3, axis=3), rgb_mean, rgb_std, flip=False, batch_size=2,
+                               desc="t")
+    np.testing.assert_allclose(one, three, rtol=1e-4, atol=1e-4)
+    assert one.shape == (2, 2 * 1280) and np.abs(one).sum() > 0
+
+
+def test_an_unknown_backbone_is_a_config_error():
+    with pytest.raises(ConfigError, match="not_a_model"):
+        embed.frozen_backbone("not_a_model", 1)
+    with pytest.raises(ConfigError, match="does not exist"):
+        embed.frozen_backbone("tf_efficientnet_lite0=/nowhere/weights.pth", 1)
+
+
+@pytest.fixture
+def embed_work(smoke_config):
+    """The smoke competition cached at 32 px, and at 48 px for the embed stage."""
+    cfg = smoke_config("embed.image_size=48")
+    prepare.main(cfg)
+    folds.main(cfg)
+    return cfg
+
+
+def test_prepare_caches_the_embed_size_beside_the_main_one(embed_work, smoke_config):
+    cache = Cache.open(embed_work)
+    assert cache.images("train").shape[1:] == (32, 32, 1)
+    assert cache.images("train", (48, 48)).shape[1:] == (48, 48, 1)
+    assert cache.images("test", (48, 48)).shape[0] == cache.images("test").shape[0]
+    with pytest.raises(DataError, match="run prepare"):
+        cache.images("train", (64, 64))
+    # The same images at another embed size: the cache is rebuilt with it, its fingerprint (what keys the trained
+    # folds) does not change.
+    fingerprint = cache.meta["fingerprint"]
+    other = smoke_config("embed.image_size=40")
+    prepare.main(other)
+    rebuilt = Cache.open(other)
+    assert rebuilt.images("train", (40, 40)).shape[1:3] == (40, 40)
+    assert rebuilt.meta["fingerprint"] == fingerprint and rebuilt.meta["extra_sizes"] == [[40, 40]]
+
+
+def test_the_stage_writes_a_member_the_ensemble_reads(embed_work, smoke_config):
+    cfg = embed_work
+    result = embed.main(cfg)
+    folder = layout.embed_dir(cfg)
+    oof = pd.read_parquet(folder / layout.EMBED_OOF)
+    test = pd.read_parquet(folder / layout.EMBED_TEST)
+    folds_table = pd.read_csv(layout.folds_file(cfg), dtype=str)
+    classes = [c for c in oof.columns if c not in ("id", "fold")]
+    assert sorted(oof["id"]) == sorted(folds_table["id"]) and oof["id"].is_unique
+    assert (oof.set_index("id")["fold"].astype(str) == folds_table.set_index("id")["fold"]).all()
+    np.testing.assert_allclose(oof[classes].sum(1), 1.0)
+    np.testing.assert_allclose(test[classes].sum(1), 1.0)
+    recorded = json.loads(layout.embed_metrics_file(cfg).read_text())
+    assert recorded["embed_enabled"] == 1 and recorded["embed_cv"] == pytest.approx(result["cv"])
+    assert list(ensemble.member_files(cfg))[-2:] == ["features", "embed"]
+    assert "embed" not in ensemble.member_files(smoke_config("embed.enabled=false"))
+    # ImageNet features separate the smoke competition's striped classes better than chance (1/3)
+    assert recorded["embed_oof_accuracy"] > 0.6
+
+
+def test_disabling_the_stage_leaves_a_note(embed_work, smoke_config):
+    disabled = smoke_config("embed.enabled=false")
+    assert embed.main(disabled) == {"enabled": False}
+    assert [p.name for p in layout.embed_dir(disabled).iterdir()] == [layout.EMBED_NOTE]
+    assert json.loads(layout.embed_metrics_file(disabled).read_text()) == {"embed_enabled": 0}
+
+
+def test_a_backbone_named_like_the_member_is_refused():
+    from pipeline.config import load_config
+
+    with pytest.raises(ConfigError, match="embed"):
+        load_config(None, ["backbones=[embed]"])
