@@ -36,7 +36,7 @@ from pipeline import layout, metrics  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.ensemble import member_files  # noqa: E402
 
-STAGES = ["prepare", "folds", "tune", "train", "infer", "features", "ensemble", "submit"]
+STAGES = ["prepare", "folds", "tune", "train", "infer", "features", "embed", "ensemble", "submit"]
 # The folder copy renames everything a layout could silently depend on.
 FOLDER_LABELS = {"p000": "intact", "p033": "possibly defective", "p067": "likely defective", "p100": "defective"}
 FOLDER_COLUMNS = {"id": "cell_id", "defect": "defect_grade"}
@@ -120,7 +120,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| run | " + " | ".join(columns) + " | method |", "|---|" + "---|" * (len(columns) + 1)]
     lines += [f"| {r['run']} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + f" | {r['method']} |" for r in rows]
     frame = pd.DataFrame(rows)[columns]
-    lines.append("| mean ± std | " + " | ".join(f"{frame[c].mean():.4f} ± {frame[c].std(ddof=0):.4f}"
+    lines.append("| mean ± std | " + " | ".join(f"{frame[c].mean():.4f} ± {frame[c].std(ddof=1):.4f}"
                                                  for c in columns) + " | |")
     return "\n".join(lines)
 

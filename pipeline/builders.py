@@ -63,14 +63,25 @@ def make_loss(cfg: Config, heads: Heads, targets: np.ndarray):
 
 
 def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
-    """timm's optimizer factory on two groups: the classifier at train.lr, the backbone at lr x backbone_lr_mult."""
-    from timm.optim import create_optimizer_v2
+    """timm's optimizer factory on two groups: the classifier at train.lr, the backbone at lr x backbone_lr_mult;
+    with ``train.layer_decay``, timm's layer-wise groups instead (each block's ``lr_scale`` the decay to the power of
+    its depth below the classifier, times backbone_lr_mult below the classifier)."""
+    from timm.optim import create_optimizer_v2, param_groups_layer_decay
 
+    kwargs = {"momentum": cfg.train.momentum} if cfg.train.optimizer in ("sgd", "rmsprop") else {}
+    if cfg.train.layer_decay:
+        groups = param_groups_layer_decay(model.backbone, weight_decay=cfg.train.weight_decay,
+                                          layer_decay=cfg.train.layer_decay)
+        for group in groups:
+            if group["lr_scale"] < 1.0:
+                group["lr_scale"] *= cfg.train.backbone_lr_mult
+            group["lr"] = cfg.train.lr * group["lr_scale"]
+        return create_optimizer_v2(groups, opt=cfg.train.optimizer, lr=cfg.train.lr,
+                                   weight_decay=cfg.train.weight_decay, **kwargs)
     head = classifier_parameters(model)
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if id(p) not in head_ids]
     groups = [{"params": body, "lr": cfg.train.lr * cfg.train.backbone_lr_mult}, {"params": head, "lr": cfg.train.lr}]
-    kwargs = {"momentum": cfg.train.momentum} if cfg.train.optimizer in ("sgd", "rmsprop") else {}
     return create_optimizer_v2([g for g in groups if g["params"]], opt=cfg.train.optimizer, lr=cfg.train.lr,
                                weight_decay=cfg.train.weight_decay, **kwargs)
 

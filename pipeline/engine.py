@@ -60,10 +60,19 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Batch norm layers in eval mode: they normalise with their running statistics and no longer update them
+    (their scale and shift still train)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, compute_loss, device: torch.device, *,
                     state: StepState, scheduler=None, per_update_scheduler: bool = True, amp: torch.dtype | None = None,
                     scaler=None, accumulate: int = 1, grad_clip: float | None = None, ema=None, mixup=None,
-                    channels_last: bool = False, batch_augment=None, desc: str = "train") -> float:
+                    channels_last: bool = False, batch_augment=None, frozen_norm: bool = False,
+                    desc: str = "train") -> float:
     """Train for one pass over ``loader``; returns the mean loss.
 
     ``batch_augment`` (uint8 batch -> uint8 batch) runs on the device before the model, for
@@ -75,6 +84,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, compute_loss, device: t
     A non-finite loss stops training with a message rather than producing garbage.
     """
     model.train()
+    if frozen_norm:
+        freeze_norm_statistics(model)
     total, seen = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0, dynamic_ncols=True,

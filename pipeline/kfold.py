@@ -256,7 +256,7 @@ def run_epoch(cfg: Config, build: FoldBuild, data: TrainingData, train_indices, 
         scheduler=build.scheduler, per_update_scheduler=build.per_update, amp=amp, scaler=build.scaler,
         accumulate=cfg.train.accumulate, grad_clip=cfg.train.grad_clip, ema=build.ema, mixup=build.mixup,
         channels_last=cfg.runtime.channels_last, batch_augment=builders.make_batch_augment(cfg, epoch_seed),
-        desc=f"{label} epoch {epoch + 1}/{epochs}" + (" (frozen)" if frozen else ""))
+        frozen_norm=cfg.train.frozen_norm, desc=f"{label} epoch {epoch + 1}/{epochs}" + (" (frozen)" if frozen else ""))
 
 
 def score_epoch(cfg: Config, build: FoldBuild, progress: FoldProgress, y_true, proba, epoch: int,

@@ -80,9 +80,9 @@ def remove_stale_folds(cfg: Config, backbone: str, current: list[int]) -> None:
 
 
 def fold_mean_std(results) -> tuple[float, float]:
-    """The CV figure of a set of folds: the mean and standard deviation of their best scores."""
+    """The CV figure of a set of folds: the mean and sample standard deviation of their kept scores."""
     scores = np.array([result.best_score for result in results])
-    return float(scores.mean()), float(scores.std())
+    return float(scores.mean()), float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
 
 
 def train_backbone(cfg: Config, backbone: str) -> dict:

@@ -21,12 +21,13 @@ pytestmark = pytest.mark.slow
 # the 16 of all three; every transform is tested in tests/test_infer.py), and the folds train in this process (a
 # CPU worker per core would start longer than they take; tests/test_devices.py runs workers). The features member
 # keeps the preset's patch and stride but learns the smoke preset's 16 filters from 2,000 patches (256 from 100,000:
-# 12 s on one core).
+# 12 s on one core). The embed member reads the 32 px cache with Lite0 alone.
 SHRINK = ["paths.work_dir=work", "data.image_size=32", "data.elpv_size=240", "data.workers=1", "folds.n_splits=2",
           "train.epochs=1", "train.batch_size=16", "train.pretrained=false", "train.freeze_epochs=0",
           "tune.n_trials=1", "tune.epochs=1", "tune.folds=[0]", "train.devices=[cpu]", "runtime.amp=off",
           "runtime.compile=false", "runtime.eval_batch_size=32", "infer.tta=[hflip]", "features.clusters=16",
-          "features.patches=2000"]
+          "features.patches=2000",
+          "embed.image_size=32", "embed.backbones=[efficientnet_lite0]"]
 
 
 def run(args, cwd):
