@@ -82,7 +82,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCHMARKS))
 
 import run as cpu_benchmarks  # noqa: E402  (benchmarks/run.py: median_time, loader_efficiency, tta_cost)
-from pipeline import builders, ensemble, features, folds, infer, kfold, layout, prepare, submit, train  # noqa: E402
+from pipeline import builders, embed, ensemble, features, folds, infer, kfold, layout, prepare, submit, train  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.engine import StepState, autocast_dtype, resolve_device, train_one_epoch  # noqa: E402
 from pipeline.models import create_model  # noqa: E402
@@ -258,11 +258,12 @@ def tta(cfg: Config, plan: Plan) -> dict:
 # ---------------------------------------------------------------- 5. the ELPV competition from scratch
 
 def elpv(scratch: Path, plan: Plan) -> dict:
-    """prepare -> folds -> train -> infer -> ensemble -> submit in this process; wall time, CV, Public/Private."""
+    """prepare -> folds -> train -> infer -> features -> embed -> ensemble -> submit in this process; wall time, CV,
+    Public/Private."""
     full_size = [] if plan.quick else ["data.image_size=300"]
     cfg = preset_config(scratch / "elpv", plan, *full_size, f"train.epochs={plan.epochs}", "runtime.compile=false")
     seconds, started = {}, time.perf_counter()
-    for stage in (prepare, folds, train, infer, features, ensemble, submit):
+    for stage in (prepare, folds, train, infer, features, embed, ensemble, submit):
         stage_started = time.perf_counter()
         stage.main(cfg)
         seconds[stage.__name__.rpartition(".")[2]] = round(time.perf_counter() - stage_started, 1)

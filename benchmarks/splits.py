@@ -1,6 +1,6 @@
 """Does the recipe hold on other splits, and does its CV predict the hidden test? The default chain on N splits.
 
-    python benchmarks/splits.py [--seeds 0 1 2] [--folder-copy] [--config FILE] [--work DIR] [key=value ...]
+    python benchmarks/splits.py [--seeds 0 1 2] [--folder-copy] [--config FILE] [--work DIR] [--score-only] [k=v ...]
 
 For every ``data.elpv_seed`` the whole chain (prepare, folds, tune, train, infer, ensemble, submit:
 the commands dvc.yaml runs, with the given settings unchanged) runs in its own work directory
@@ -98,10 +98,10 @@ def folder_copy(source: Path, target: Path) -> Path:
     return target
 
 
-def one_run(name: str, config: str, overrides: list[str], out: Path) -> dict:
+def one_run(name: str, config: str, overrides: list[str], out: Path, score_only: bool = False) -> dict:
     cfg = load_config(config, overrides)
     log = out / f"{name}.log"
-    seconds = run_chain(config, overrides, log)
+    seconds = float("nan") if score_only else run_chain(config, overrides, log)
     scores = json.loads(layout.submission_metrics_file(cfg).read_text())
     test = whole_test_scores(cfg)
     method = json.loads((layout.ensemble_dir(cfg) / layout.ENSEMBLE_WEIGHTS).read_text())["method"]
@@ -132,6 +132,9 @@ def main() -> None:
     parser.add_argument("--config", default="params.yaml")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "splits.json"))
     parser.add_argument("--work", default=str(ROOT / "work" / "splits"), help="where each run's work dir goes")
+    parser.add_argument("--score-only", action="store_true",
+                        help="run nothing: score the finished runs already in --work (e.g. a `dvc repro` of each "
+                             "seed's clone, its work folder, metrics and submissions moved to <work>/seed<N>/)")
     parser.add_argument("overrides", nargs="*", help="settings for every run (default: none, the defaults)")
     args = parser.parse_args()
     logs = Path(args.work).resolve()
@@ -139,7 +142,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         overrides = [*args.overrides, f"data.elpv_seed={seed}", *layout.overrides_under(logs / f"seed{seed}")]
-        rows.append(one_run(f"seed{seed}", args.config, overrides, logs))
+        rows.append(one_run(f"seed{seed}", args.config, overrides, logs, args.score_only))
     if args.folder_copy:
         first = load_config(args.config, [*args.overrides, *layout.overrides_under(logs / f"seed{args.seeds[0]}")])
         folder = folder_copy(layout.competition_dir(first), logs / "folder_competition")

@@ -32,9 +32,9 @@ from pipeline.errors import ConfigError
 from pipeline.images import Cache
 
 
-def frozen_backbone(name: str, in_chans: int) -> tuple[nn.Module, list[float], list[float]]:
-    """(the timm model without its classifier, in eval mode, the mean and std its weights expect) for an entry of
-    ``embed.backbones``: a packaged weight, ``timm_model=path``, or a timm name (pretrained from the hub)."""
+def backbone_source(name: str):
+    """(timm model name, weights file or None for the hub) of an entry of ``embed.backbones``: a packaged weight,
+    ``timm_model=path``, or a timm name; an entry that names neither is a ConfigError."""
     import timm
 
     if weights.packaged_key(name):
@@ -47,6 +47,15 @@ def frozen_backbone(name: str, in_chans: int) -> tuple[nn.Module, list[float], l
     if not timm.is_model(model_name):
         raise ConfigError(f"embed.backbones: {model_name!r} is not a timm model nor a packaged weight "
                           f"({', '.join(weights.PACKAGED)})")
+    return model_name, path
+
+
+def frozen_backbone(name: str, in_chans: int) -> tuple[nn.Module, list[float], list[float]]:
+    """(the timm model without its classifier, in eval mode, the mean and std its weights expect) for an entry of
+    ``embed.backbones``: a packaged weight, ``timm_model=path``, or a timm name (pretrained from the hub)."""
+    import timm
+
+    model_name, path = backbone_source(name)
     if path is None:
         with weights.hub_weights(model_name):
             model = timm.create_model(model_name, pretrained=True, num_classes=0, in_chans=in_chans)
@@ -90,6 +99,8 @@ def main(cfg: Config) -> dict:
             print("embed: disabled (embed.enabled=false)", file=sys.stderr)
             return {"enabled": False}
         started = time.perf_counter()
+        for name in settings.backbones:  # every name checked before any work
+            backbone_source(name)
         cache = Cache.open(cfg)
         ids, labels, folds, rows = linear.training_rows(cfg, cache)
         size = (settings.image_size, settings.image_size)

@@ -219,7 +219,7 @@ def main(cfg: Config) -> dict:
             failures += problems
             if split == "train":
                 total, squares = split_total, split_squares
-            for size_hw in layout.cache_extra_sizes(cfg):  # the embed stage's larger images
+            for size_hw in layout.cache_extra_sizes(cfg) if not problems else []:  # the embed stage's size
                 failures += decode_split(list(frame["path"]), size_hw, channels,
                                          folder / layout.cache_images_name(split, size_hw), workers,
                                          f"prepare {split} {size_hw[0]}x{size_hw[1]}")[0]

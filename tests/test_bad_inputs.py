@@ -140,14 +140,14 @@ def built(tmp_path_factory) -> Path:
     """A work dir holding every stage's outputs for the smoke competition and one backbone."""
     import torch
 
-    from pipeline import ensemble, features, folds, infer, prepare, submit, train
+    from pipeline import embed, ensemble, features, folds, infer, prepare, submit, train
 
     work = tmp_path_factory.mktemp("bad_inputs") / "work"
     cfg = make_config(work, f"backbones=[{BACKBONE}]")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for stage in (prepare, folds, train, infer, features, ensemble, submit):
+        for stage in (prepare, folds, train, infer, features, embed, ensemble, submit):
             stage.main(cfg)
     finally:
         torch.set_num_threads(threads)

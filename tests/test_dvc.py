@@ -27,7 +27,7 @@ def repo(tmp_path_factory):
 def test_dvc_repro_runs_every_stage_then_nothing_then_one_backbone(repo):
     first = run(["dvc", "repro"], repo)
     backbones = ["lcnet_050", "mobilenetv3_small_050"]
-    expected = {"prepare", "eda", "folds", "features", "ensemble", "submit"} | {
+    expected = {"prepare", "eda", "folds", "features", "embed", "ensemble", "submit"} | {
         f"{stage}@{name}" for stage in ("tune", "train", "infer") for name in backbones}
     assert stages_run(first) == expected
 

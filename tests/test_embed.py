@@ -10,9 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import ROOT
+
 from pipeline import embed, ensemble, folds, layout, prepare
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import Cache
+from pipeline.layout import overrides_under
 
 
 def test_pooled_by_hand():
@@ -115,3 +118,18 @@ def test_a_backbone_named_like_the_member_is_refused():
 
     with pytest.raises(ConfigError, match="embed"):
         load_config(None, ["backbones=[embed]"])
+
+
+def test_an_unknown_backbone_exits_2_before_any_work_and_keeps_the_previous_member(embed_work, capsys):
+    from pipeline import cli
+
+    embed.main(embed_work)
+    before = (layout.embed_dir(embed_work) / layout.EMBED_OOF).read_bytes()
+    argv = ["--config", str(ROOT / "configs" / "smoke.yaml"), *overrides_under(embed_work.paths.work_dir),
+            "embed.image_size=48", "embed.backbones=[efficientnet_lite0,efficientnet_lite9]"]
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(embed.main, "embed", argv=argv)
+    stderr = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in stderr
+    assert "'efficientnet_lite9' is not a timm model nor a packaged weight" in stderr
+    assert (layout.embed_dir(embed_work) / layout.EMBED_OOF).read_bytes() == before

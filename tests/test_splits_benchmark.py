@@ -19,7 +19,7 @@ from pipeline.layout import overrides_under  # noqa: E402
 
 
 def test_whole_test_scores_by_hand(tmp_path):
-    cfg = load_config(None, [*overrides_under(tmp_path), "backbones=[lcnet_050,resnet10t]"])
+    cfg = load_config(None, [*overrides_under(tmp_path), "backbones=[lcnet_050,resnet10t]", "embed.enabled=false"])
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "meta.json").write_text(json.dumps({"id_col": "img", "target_col": "y", "class_names": ["a", "b"]}))
