@@ -60,10 +60,11 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def freeze_norm_statistics(model: nn.Module) -> None:
-    """Batch norm layers in eval mode: they normalise with their running statistics and no longer update them
-    (their scale and shift still train)."""
-    for module in model.modules():
+def start_training(model: nn.Module, frozen_norm: bool = False) -> None:
+    """``model.train()``; with ``frozen_norm`` its batch norm layers stay in eval mode: they normalise with their
+    running statistics and no longer update them (their scale and shift still train)."""
+    model.train()
+    for module in model.modules() if frozen_norm else []:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
 
@@ -83,9 +84,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, compute_loss, device: t
     by ``accumulate``, so 2 x 8 gives the gradient of 16 for a model without batch norm).
     A non-finite loss stops training with a message rather than producing garbage.
     """
-    model.train()
-    if frozen_norm:
-        freeze_norm_statistics(model)
+    start_training(model, frozen_norm)
     total, seen = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0, dynamic_ncols=True,

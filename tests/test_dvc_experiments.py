@@ -53,9 +53,10 @@ def readme_command(start: str) -> str:
 def repo(tmp_path_factory):
     repo = copy_repository(tmp_path_factory.mktemp("experiments") / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    # One backbone: what is tested (the experiment commands, metrics and plots) is per backbone; half the time.
-    # Without its own lr, so that the README's experiment (-S train.lr=0.01) changes what it trains.
-    params["backbones"] = {"lcnet_050": {}}
+    # One backbone, the default's (the README's lines name it): what is tested (the experiment commands, metrics and
+    # plots) is per backbone; half the time. Without its own lr, so that the README's experiment (-S train.lr=0.01)
+    # changes what it trains.
+    params["backbones"] = {"tf_efficientnet_lite0": {"pretrained_file": "efficientnet_lite0"}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "one backbone"], repo)
     run(["dvc", "exp", "run", "-n", "base"], repo)
@@ -118,7 +119,7 @@ def test_two_experiments_compare_in_every_dvc_command(repo):
         files = experiment_metrics(shown, name)
         expected = {str(layout.train_metrics_file(cfg, b)) for b in cfg.backbones} | {
             str(layout.ensemble_scores_file(cfg)), str(layout.submission_metrics_file(cfg)),
-            str(layout.features_metrics_file(cfg))}
+            str(layout.features_metrics_file(cfg)), str(layout.embed_metrics_file(cfg))}
         assert set(files) == expected
         values = [value for data in files.values() for value in data.values()]
         assert values and all(isinstance(value, float) for value in values)  # flat numbers: no "!" in any column
@@ -127,8 +128,8 @@ def test_two_experiments_compare_in_every_dvc_command(repo):
 
     table = run(["bash", "-c", readme_command("dvc exp show") + " --no-pager"], repo, COLUMNS="300")
     header = table.splitlines()[1].split()  # a wide terminal: the table's own width shows
-    assert header == ["Experiment", *(f"{b}_cv" for b in cfg.backbones), "features_cv", "cv", "public", "private",
-                      "train.lr"]
+    assert header == ["Experiment", *(f"{b}_cv" for b in cfg.backbones), "features_cv", "embed_cv", "cv", "public",
+                      "private", "train.lr"]
     assert "base" in table and "lr-1e-2" in table and max(len(line) for line in table.splitlines()) <= 120, table
 
     run(["dvc", "exp", "apply", "base"], repo)  # the workspace differs from the experiment the diffs name
@@ -138,4 +139,4 @@ def test_two_experiments_compare_in_every_dvc_command(repo):
     assert "errors" not in diff, diff.get("errors")  # each experiment's plots come from DVC's cache
 
     alone = run(["bash", "-c", readme_command("python -m pipeline train")], repo)  # one stage, outside DVC
-    assert "[lcnet_050] fold 1 epoch 3/3" in alone
+    assert "[tf_efficientnet_lite0] fold 1 epoch 3/3" in alone
