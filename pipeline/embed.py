@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import cli, layout, linear, weights
-from pipeline.artifacts import atomic_dir, probability_table, write_json, write_parquet
+from pipeline.artifacts import atomic_dir
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.images import Cache
@@ -94,10 +94,7 @@ def main(cfg: Config) -> dict:
     settings = cfg.embed
     with atomic_dir(layout.embed_dir(cfg)) as out:
         if not settings.enabled:
-            (out / layout.EMBED_NOTE).write_text("embed.enabled is false: the ensemble has no embed member\n")
-            write_json(layout.embed_metrics_file(cfg), {f"{layout.EMBED_MEMBER}_enabled": 0})
-            print("embed: disabled (embed.enabled=false)", file=sys.stderr)
-            return {"enabled": False}
+            return linear.write_disabled(out, layout.EMBED_MEMBER, layout.embed_metrics_file(cfg))
         started = time.perf_counter()
         for name in settings.backbones:  # every name checked before any work
             backbone_source(name)
@@ -117,11 +114,8 @@ def main(cfg: Config) -> dict:
         x_train, x_test = np.concatenate(x_train, 1), np.concatenate(x_test, 1)
         oof, test, fold_rows = linear.cross_fit(x_train, labels, folds, x_test, len(cache.class_names),
                                                 settings.inverse_regularisation, settings.balance_power)
-        result = linear.report(cfg.metric, labels, oof, fold_rows, cache.class_names)
-        write_parquet(out / layout.EMBED_OOF, probability_table(ids, oof, cache.class_names, folds))
-        write_parquet(out / layout.EMBED_TEST,
-                      probability_table(cache.table("test")["id"].astype(str), test, cache.class_names))
-        write_json(layout.embed_metrics_file(cfg), linear.record(layout.EMBED_MEMBER, result, cfg.metric))
+        result = linear.write_member(out, layout.EMBED_MEMBER, layout.embed_metrics_file(cfg), cfg.metric, cache, ids,
+                                     labels, folds, oof, test, fold_rows)
     print(f"embed: {x_train.shape[1]} features an image; CV {cfg.metric} {result['cv']:.4f} ± "
           f"{result['cv_std']:.4f}, OOF accuracy {result['oof']['accuracy']:.4f} "
           f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)

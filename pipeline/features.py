@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from sklearn.cluster import MiniBatchKMeans
 
 from pipeline import cli, layout, linear
-from pipeline.artifacts import atomic_dir, probability_table, write_json, write_parquet
+from pipeline.artifacts import atomic_dir
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.images import Cache
@@ -116,10 +116,7 @@ def main(cfg: Config) -> dict:
     settings = cfg.features
     with atomic_dir(layout.features_dir(cfg)) as out:
         if not settings.enabled:
-            (out / layout.FEATURES_NOTE).write_text("features.enabled is false: the ensemble has no features member\n")
-            write_json(layout.features_metrics_file(cfg), {f"{layout.FEATURES_MEMBER}_enabled": 0})
-            print("features: disabled (features.enabled=false)", file=sys.stderr)
-            return {"enabled": False}
+            return linear.write_disabled(out, layout.FEATURES_MEMBER, layout.features_metrics_file(cfg))
         started = time.perf_counter()
         cache = Cache.open(cfg)
         ids, labels, folds, rows = linear.training_rows(cfg, cache)
@@ -130,11 +127,8 @@ def main(cfg: Config) -> dict:
         oof, test, fold_rows = linear.cross_fit_folds(
             fold_features(settings, train_images, test_images, rows, settings.seed), labels, folds,
             len(cache.class_names), settings.inverse_regularisation, settings.balance_power)
-        result = linear.report(cfg.metric, labels, oof, fold_rows, cache.class_names)
-        write_parquet(out / layout.FEATURES_OOF, probability_table(ids, oof, cache.class_names, folds))
-        write_parquet(out / layout.FEATURES_TEST,
-                      probability_table(cache.table("test")["id"].astype(str), test, cache.class_names))
-        write_json(layout.features_metrics_file(cfg), linear.record(layout.FEATURES_MEMBER, result, cfg.metric))
+        result = linear.write_member(out, layout.FEATURES_MEMBER, layout.features_metrics_file(cfg), cfg.metric,
+                                     cache, ids, labels, folds, oof, test, fold_rows)
     per_image = settings.clusters * len(settings.patch) * (POOL_MEAN_GRID ** 2 + POOL_MAX_GRID ** 2)
     print(f"features: {per_image} features an image; CV {cfg.metric} "
           f"{result['cv']:.4f} ± {result['cv_std']:.4f}, OOF accuracy {result['oof']['accuracy']:.4f} "

@@ -31,12 +31,11 @@ FOLD_DONE = "done.json"
 FOLD_VALIDATION = "validation.npy"
 FOLD_LAST = "last.pt"
 FOLD_PSEUDO_LABELS = "pseudo_labels.csv"  # in a pseudo-label round's fold folder: the test images it took
-# Inside the features folder.
-FEATURES_OOF = "oof.parquet"
-FEATURES_TEST = "test.parquet"
-FEATURES_NOTE = "disabled.txt"  # what the folder holds instead when features.enabled is false
-# Inside the embed folder: the same three names (a member's OOF and test tables, the note when disabled).
-EMBED_OOF, EMBED_TEST, EMBED_NOTE = FEATURES_OOF, FEATURES_TEST, FEATURES_NOTE
+# Inside the folder of a member that trains no network (features, embed): its OOF and test tables, and what the
+# folder holds instead when the member is disabled.
+MEMBER_OOF, MEMBER_TEST, MEMBER_NOTE = "oof.parquet", "test.parquet", "disabled.txt"
+FEATURES_OOF, FEATURES_TEST, FEATURES_NOTE = MEMBER_OOF, MEMBER_TEST, MEMBER_NOTE
+EMBED_OOF, EMBED_TEST, EMBED_NOTE = MEMBER_OOF, MEMBER_TEST, MEMBER_NOTE
 # Inside the ensemble folder.
 ENSEMBLE_OOF = "oof.parquet"
 ENSEMBLE_TEST = "test.parquet"

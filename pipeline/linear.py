@@ -8,6 +8,8 @@ flat metrics record. Each row of the OOF comes from the model of the fold that h
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -17,6 +19,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from pipeline import layout, metrics
+from pipeline.artifacts import probability_table, write_json, write_parquet
 from pipeline.competition import encode_labels
 from pipeline.config import Config
 from pipeline.errors import DataError
@@ -112,3 +115,22 @@ def record(member: str, result: dict, metric: str) -> dict:
             **{f"oof_f1_{name}": value for name, value in result["oof"]["per_class_f1"].items()},
             **{f"fold{f['fold']}_{metric}": f[metric] for f in result["folds"]}}
     return {f"{member}_{key}": float(value) for key, value in flat.items()}
+
+
+def write_disabled(folder: Path, member: str, metrics_file: Path) -> dict:
+    """A disabled member's outputs: a note in its folder and ``{"<member>_enabled": 0}``; the ensemble leaves it out."""
+    (folder / layout.MEMBER_NOTE).write_text(f"{member}.enabled is false: the ensemble has no {member} member\n")
+    write_json(metrics_file, {f"{member}_enabled": 0})
+    print(f"{member}: disabled ({member}.enabled=false)", file=sys.stderr)
+    return {"enabled": False}
+
+
+def write_member(folder: Path, member: str, metrics_file: Path, metric: str, cache: Cache, ids, labels, folds,
+                 oof, test, fold_rows) -> dict:
+    """A member's OOF and test tables (the contract of a backbone's) and its flat metrics; returns its report."""
+    result = report(metric, labels, oof, fold_rows, cache.class_names)
+    write_parquet(folder / layout.MEMBER_OOF, probability_table(ids, oof, cache.class_names, folds))
+    write_parquet(folder / layout.MEMBER_TEST,
+                  probability_table(cache.table("test")["id"].astype(str), test, cache.class_names))
+    write_json(metrics_file, record(member, result, metric))
+    return result

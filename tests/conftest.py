@@ -114,3 +114,21 @@ def make_mask_competition(root: Path, people: int = 6, seed: int = 0) -> Path:
         names.append(name)
     pd.DataFrame({"ImageID": names, "ans": 0}).to_csv(root / "eval" / "info.csv", index=False)
     return root
+
+
+def check_member_tables(cfg, folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A member's OOF and test tables in ``folder`` hold every training id once, in folds.csv's fold, and every test id
+    of the sample submission, each row a distribution; returns (oof, test)."""
+    from pipeline import layout
+
+    oof = pd.read_parquet(folder / layout.MEMBER_OOF)
+    test = pd.read_parquet(folder / layout.MEMBER_TEST)
+    folds_table = pd.read_csv(layout.folds_file(cfg), dtype=str)
+    classes = [c for c in oof.columns if c not in ("id", "fold")]
+    assert sorted(oof["id"]) == sorted(folds_table["id"]) and oof["id"].is_unique
+    assert (oof.set_index("id")["fold"].astype(str) == folds_table.set_index("id")["fold"]).all()
+    np.testing.assert_allclose(oof[classes].sum(1), 1.0)
+    np.testing.assert_allclose(test[classes].sum(1), 1.0)
+    sample = pd.read_csv(layout.cache_dir(cfg) / layout.CACHE_SAMPLE_SUBMISSION, dtype=str)
+    assert sorted(test["id"]) == sorted(sample.iloc[:, 0])
+    return oof, test

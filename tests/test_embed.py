@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, check_member_tables
 
 from pipeline import embed, ensemble, folds, layout, prepare
 from pipeline.errors import ConfigError, DataError
@@ -89,15 +88,7 @@ def test_prepare_caches_the_embed_size_beside_the_main_one(embed_work, smoke_con
 def test_the_stage_writes_a_member_the_ensemble_reads(embed_work, smoke_config):
     cfg = embed_work
     result = embed.main(cfg)
-    folder = layout.embed_dir(cfg)
-    oof = pd.read_parquet(folder / layout.EMBED_OOF)
-    test = pd.read_parquet(folder / layout.EMBED_TEST)
-    folds_table = pd.read_csv(layout.folds_file(cfg), dtype=str)
-    classes = [c for c in oof.columns if c not in ("id", "fold")]
-    assert sorted(oof["id"]) == sorted(folds_table["id"]) and oof["id"].is_unique
-    assert (oof.set_index("id")["fold"].astype(str) == folds_table.set_index("id")["fold"]).all()
-    np.testing.assert_allclose(oof[classes].sum(1), 1.0)
-    np.testing.assert_allclose(test[classes].sum(1), 1.0)
+    check_member_tables(cfg, layout.embed_dir(cfg))
     recorded = json.loads(layout.embed_metrics_file(cfg).read_text())
     assert recorded["embed_enabled"] == 1 and recorded["embed_cv"] == pytest.approx(result["cv"])
     assert list(ensemble.member_files(cfg))[-2:] == ["features", "embed"]

@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import check_member_tables
+
 from pipeline import ensemble, features, folds, layout, prepare
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
@@ -68,17 +70,7 @@ def smoke_work(smoke_config):
 def test_the_stage_writes_a_member_the_ensemble_reads(smoke_work, smoke_config):
     cfg = smoke_work
     result = features.main(cfg)
-    folder = layout.features_dir(cfg)
-    oof = pd.read_parquet(folder / layout.FEATURES_OOF)
-    test = pd.read_parquet(folder / layout.FEATURES_TEST)
-    folds_table = pd.read_csv(layout.folds_file(cfg), dtype=str)
-    classes = [c for c in oof.columns if c not in ("id", "fold")]
-    assert sorted(oof["id"]) == sorted(folds_table["id"]) and oof["id"].is_unique
-    assert (oof.set_index("id")["fold"].astype(str) == folds_table.set_index("id")["fold"]).all()
-    np.testing.assert_allclose(oof[classes].sum(1), 1.0)
-    np.testing.assert_allclose(test[classes].sum(1), 1.0)
-    sample = pd.read_csv(layout.cache_dir(cfg) / layout.CACHE_SAMPLE_SUBMISSION, dtype=str)
-    assert sorted(test["id"]) == sorted(sample.iloc[:, 0])
+    check_member_tables(cfg, layout.features_dir(cfg))
     recorded = json.loads(layout.features_metrics_file(cfg).read_text())
     assert recorded["features_enabled"] == 1 and recorded["features_cv"] == pytest.approx(result["cv"])
     # The ensemble takes it as a member beside the backbones; with the backbones' files absent it names theirs.
