@@ -28,8 +28,8 @@ from sklearn.preprocessing import StandardScaler
 from pipeline import metrics
 from pipeline.artifacts import write_json
 from pipeline.config import load_config
-from pipeline.competition import encode_labels
-from pipeline.images import Cache
+from pipeline.data.competition import encode_labels
+from pipeline.data.images import Cache
 from pipeline.errors import PipelineError
 from pipeline.folds import read_folds
 

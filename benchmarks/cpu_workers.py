@@ -6,7 +6,8 @@ every core?
 Times the training loop of each backbone of the config (``train_one_epoch`` on a random batch of the configured size,
 channels and batch, with the model, loss and optimizer train builds) two ways, alternating ``--repeats`` times so a
 slow spell of the shared machine hits both alike: in this process on all of torch's threads (``train.devices=[cpu]``),
-and as one ``pipeline.devices`` worker per core, all stepping at once (what ``train.devices=auto`` does on the CPU).
+and as one ``pipeline.training.devices`` worker per core,
+all stepping at once (what ``train.devices=auto`` does on the CPU).
 Prints images/s of each and their ratio (the median over the repeats); writes ``benchmarks/cpu_workers.json``.
 Target: a ratio above 1 wherever ``auto`` starts workers, which is why it does.
 """
@@ -26,11 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import builders  # noqa: E402
+from pipeline.training import fold_setup  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.devices import run_on_devices  # noqa: E402
-from pipeline.engine import StepState, train_one_epoch  # noqa: E402
-from pipeline.models import Heads, create_model  # noqa: E402
+from pipeline.training.devices import run_on_devices  # noqa: E402
+from pipeline.training.loop import StepState, train_one_epoch  # noqa: E402
+from pipeline.training.models import Heads, create_model  # noqa: E402
 
 WARM_UP_STEPS = 3
 CLASSES = ["a", "b", "c", "d"]
@@ -43,12 +44,12 @@ def images_per_second(device: str, cfg: Config, backbone: str, steps: int) -> fl
     channels, (height, width), batch = cfg.data.channels, cfg.data.size_hw, cfg.train.batch_size
     heads = Heads(CLASSES, [("target", CLASSES)])
     torch.manual_seed(0)
-    model = create_model(builders.timm_name(cfg, backbone), heads, channels, [0.5] * channels, [0.25] * channels)
+    model = create_model(fold_setup.timm_name(cfg, backbone), heads, channels, [0.5] * channels, [0.25] * channels)
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     targets = torch.randint(0, len(CLASSES), (batch, 1))
-    compute_loss, _ = builders.make_loss(cfg, heads, targets.numpy())
-    optimizer = builders.make_optimizer(cfg, model)
+    compute_loss, _ = fold_setup.make_loss(cfg, heads, targets.numpy())
+    optimizer = fold_setup.make_optimizer(cfg, model)
     images = torch.randint(0, 256, (batch, channels, height, width), dtype=torch.uint8)
 
     def run(count: int) -> None:

@@ -82,10 +82,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCHMARKS))
 
 import run as cpu_benchmarks  # noqa: E402  (benchmarks/run.py: median_time, loader_efficiency, tta_cost)
-from pipeline import builders, embed, ensemble, features, folds, infer, kfold, layout, prepare, submit, train  # noqa: E402
+from pipeline import embed, ensemble, features, folds, infer, layout, prepare, submit, train  # noqa: E402
+from pipeline.training import fold_setup, kfold  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.engine import StepState, autocast_dtype, resolve_device, train_one_epoch  # noqa: E402
-from pipeline.models import create_model  # noqa: E402
+from pipeline.training.loop import StepState, autocast_dtype, torch_device, train_one_epoch  # noqa: E402
+from pipeline.training.models import create_model  # noqa: E402
 
 PRESET = ROOT / "configs" / "gpu.yaml"
 # The smoke mode: a few hundred tiny images, 2 folds, in-process loaders, and one backbone: timm's tiny test
@@ -132,8 +133,8 @@ def release(device: torch.device) -> None:
 def device_batches(cfg: Config, data, steps: int, device: torch.device) -> list:
     """``steps`` full batches through the real loader and augmentation, kept on the device."""
     indices = np.arange(min(len(data.ids), steps * cfg.train.batch_size))
-    loader = builders.make_train_loader(cfg, data, indices, device, seed=0)
-    augment = builders.make_batch_augment(cfg, seed=0) or (lambda images: images)
+    loader = fold_setup.make_train_loader(cfg, data, indices, device, seed=0)
+    augment = fold_setup.make_batch_augment(cfg, seed=0) or (lambda images: images)
     return [(augment(images.to(device)), targets.to(device)) for images, targets in loader]
 
 
@@ -147,14 +148,14 @@ def training_pass(cfg: Config, backbone: str, data, device: torch.device, amp: s
                   compiled: bool):
     """A function that trains one pass over a list of batches with these settings (its own model and optimizer)."""
     torch.manual_seed(0)
-    model = create_model(builders.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean, data.std,
+    model = create_model(fold_setup.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean, data.std,
                          drop_path_rate=cfg.train.drop_path_rate).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    compute_loss, losses = builders.make_loss(cfg, data.heads, data.targets)
+    compute_loss, losses = fold_setup.make_loss(cfg, data.heads, data.targets)
     for loss in losses:
         loss.to(device)
-    optimizer = builders.make_optimizer(cfg, model)
+    optimizer = fold_setup.make_optimizer(cfg, model)
     dtype = autocast_dtype(amp, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     forward = torch.compile(model, backend=compile_backend(device)) if compiled else model
@@ -184,7 +185,7 @@ def interleaved_times(passes: dict, batches: list, repeats: int) -> dict:
 
 def throughput(cfg: Config, plan: Plan) -> dict:
     """Training images/s of every backbone of the preset at its settings (eager)."""
-    device = resolve_device(cfg.runtime.device)
+    device = torch_device(cfg.runtime.device)
     results = {}
     for backbone in cfg.backbones:
         backbone_cfg = cfg.for_backbone(backbone)
@@ -210,14 +211,14 @@ def amp_settings(cfg: Config, device: torch.device) -> tuple[list[str], str]:
     if device.type != "cuda" or torch.cuda.is_bf16_supported():
         modes.append("bf16")
     if device.type == "cuda":
-        modes.append("fp16")  # fp16 autocast needs CUDA (pipeline.engine.autocast_dtype)
+        modes.append("fp16")  # fp16 autocast needs CUDA (pipeline.training.loop.autocast_dtype)
     preset = autocast_dtype(cfg.runtime.amp, device)
     return modes, {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[preset]
 
 
 def speedups(cfg: Config, plan: Plan) -> dict:
     """AMP, channels_last and torch.compile speed-ups of the first backbone: median of paired ratios."""
-    device = resolve_device(cfg.runtime.device)
+    device = torch_device(cfg.runtime.device)
     backbone = next(iter(cfg.backbones))
     cfg = cfg.for_backbone(backbone)
     data = kfold.load_training_data(cfg)
@@ -247,7 +248,7 @@ def speedups(cfg: Config, plan: Plan) -> dict:
 
 def loader(cfg: Config, plan: Plan) -> dict:
     result = cpu_benchmarks.loader_efficiency(cfg, steps=plan.loader_steps, repeats=plan.loader_repeats)
-    release(resolve_device(cfg.runtime.device))
+    release(torch_device(cfg.runtime.device))
     return result
 
 
@@ -267,7 +268,7 @@ def elpv(scratch: Path, plan: Plan) -> dict:
         stage_started = time.perf_counter()
         stage.main(cfg)
         seconds[stage.__name__.rpartition(".")[2]] = round(time.perf_counter() - stage_started, 1)
-        release(resolve_device(cfg.runtime.device))
+        release(torch_device(cfg.runtime.device))
     wall = round(time.perf_counter() - started, 1)
     # What the stages wrote: each backbone's CV (train), the ensemble's OOF score, the leaderboard's (submit).
     board = json.loads(layout.submission_metrics_file(cfg).read_text())
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as scratch:
         results = measure(plan, [name for name in MEASUREMENTS if name in args.only], Path(scratch))
     results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "machine": machine(resolve_device(args.device)), "quick": args.quick, **results,
+               "machine": machine(torch_device(args.device)), "quick": args.quick, **results,
                "total_s": round(time.perf_counter() - started, 1)}
     results["figures"] = figures(results)
     out = args.out or (Path(tempfile.gettempdir()) / "gpu-quick.json" if args.quick else BENCHMARKS / "gpu.json")

@@ -33,8 +33,8 @@ from pipeline import layout, metrics  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.ensemble import load_members  # noqa: E402
 from pipeline.errors import ConfigError, DataError  # noqa: E402
-from pipeline.linear import training_rows  # noqa: E402
-from pipeline.images import Cache  # noqa: E402
+from pipeline.training.linear import training_rows  # noqa: E402
+from pipeline.data.images import Cache  # noqa: E402
 
 
 def downsampled(images: np.ndarray, size: int) -> np.ndarray:

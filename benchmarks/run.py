@@ -39,12 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the repository copy that tests/test_dvc.py runs dvc in
 
-from pipeline import builders, folds, kfold, prepare  # noqa: E402
+from pipeline import folds, prepare  # noqa: E402
+from pipeline.training import fold_setup, kfold  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.engine import StepState, resolve_device, train_one_epoch  # noqa: E402
+from pipeline.training.loop import StepState, torch_device, train_one_epoch  # noqa: E402
 from pipeline.infer import predict_views, tta_transforms  # noqa: E402
 from pipeline.layout import overrides_under  # noqa: E402
-from pipeline.models import ProbabilityModel, create_model  # noqa: E402
+from pipeline.training.models import ProbabilityModel, create_model  # noqa: E402
 from repo_copy import copy_repository, dvc_env, stages_run  # noqa: E402
 
 
@@ -64,16 +65,16 @@ def loader_efficiency(cfg: Config, steps: int, repeats: int) -> dict:
     backbone = next(iter(cfg.backbones))
     cfg = cfg.for_backbone(backbone)
     data = kfold.load_training_data(cfg)
-    device = resolve_device(cfg.runtime.device)
+    device = torch_device(cfg.runtime.device)
     indices = np.arange(min(len(data.ids), steps * cfg.train.batch_size))
-    model = create_model(builders.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean,
+    model = create_model(fold_setup.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean,
                          data.std).to(device)
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    compute_loss, losses = builders.make_loss(cfg, data.heads, data.targets[indices])
-    optimizer = builders.make_optimizer(cfg, model)
-    loader = builders.make_train_loader(cfg, data, indices, device, seed=0)
-    batch_augment = builders.make_batch_augment(cfg, seed=0)  # None when the preset runs per image
+    compute_loss, losses = fold_setup.make_loss(cfg, data.heads, data.targets[indices])
+    optimizer = fold_setup.make_optimizer(cfg, model)
+    loader = fold_setup.make_train_loader(cfg, data, indices, device, seed=0)
+    batch_augment = fold_setup.make_batch_augment(cfg, seed=0)  # None when the preset runs per image
     augmented = batch_augment or (lambda images: images.clone())
     # The same number of batches, decoded and augmented once beforehand: the model's own speed.
     in_memory = [(augmented(images), targets.clone()) for images, targets in loader]
@@ -98,7 +99,7 @@ def loader_efficiency(cfg: Config, steps: int, repeats: int) -> dict:
     # a slow spell of the shared machine moves both sides of a pair, not the figure.
     efficiency = statistics.median(memory / real for real, memory in zip(real_times, memory_times))
     return {"backbone": backbone, "augment": cfg.train.augment, "image_size": list(cfg.data.size_hw),
-            "batch_size": cfg.train.batch_size, "workers": builders.loader_settings(cfg, device)["num_workers"],
+            "batch_size": cfg.train.batch_size, "workers": fold_setup.loader_settings(cfg, device)["num_workers"],
             "device": device.type, "real_images_per_s": round(real_rate, 1),
             "in_memory_images_per_s": round(memory_rate, 1), "efficiency": round(efficiency, 3),
             "repeats": repeats}
@@ -108,13 +109,13 @@ def loader_efficiency(cfg: Config, steps: int, repeats: int) -> dict:
 
 def tta_cost(cfg: Config, images_count: int, repeats: int) -> dict:
     backbone = next(iter(cfg.backbones))
-    from pipeline.images import Cache
-    from pipeline.models import Heads
+    from pipeline.data.images import Cache
+    from pipeline.training.models import Heads
 
     cache = Cache.open(cfg)
     heads = Heads(cache.class_names, [("target", cache.class_names)])
-    device = resolve_device(cfg.runtime.device)  # the device the stages run on (the GPU's, on a GPU machine)
-    model = ProbabilityModel(create_model(builders.timm_name(cfg.for_backbone(backbone), backbone), heads,
+    device = torch_device(cfg.runtime.device)  # the device the stages run on (the GPU's, on a GPU machine)
+    model = ProbabilityModel(create_model(fold_setup.timm_name(cfg.for_backbone(backbone), backbone), heads,
                                           cfg.data.channels, cache.mean, cache.std), heads).to(device).eval()
     images = cache.images("train")
     indices = np.arange(min(images_count, len(images)))
@@ -190,17 +191,17 @@ def epoch_scaling(cfg: Config, sizes: list[int], repeats: int) -> dict:
     backbone = next(iter(cfg.backbones))
     cfg = cfg.for_backbone(backbone)
     data = kfold.load_training_data(cfg)
-    device = resolve_device(cfg.runtime.device)
-    model = create_model(builders.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean,
+    device = torch_device(cfg.runtime.device)
+    model = create_model(fold_setup.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean,
                          data.std).to(device)
-    optimizer = builders.make_optimizer(cfg, model)
-    compute_loss, _ = builders.make_loss(cfg, data.heads, data.targets)
+    optimizer = fold_setup.make_optimizer(cfg, model)
+    compute_loss, _ = fold_setup.make_loss(cfg, data.heads, data.targets)
     per_image = {}
-    warm = builders.make_train_loader(cfg, data, np.arange(min(sizes[0], len(data.ids))), device, seed=0)
-    batch_augment = builders.make_batch_augment(cfg, seed=0)
+    warm = fold_setup.make_train_loader(cfg, data, np.arange(min(sizes[0], len(data.ids))), device, seed=0)
+    batch_augment = fold_setup.make_batch_augment(cfg, seed=0)
     train_one_epoch(model, warm, optimizer, compute_loss, device, state=StepState(), batch_augment=batch_augment,
                     desc="bench warm-up")
-    loaders = {size: builders.make_train_loader(cfg, data, np.arange(min(size, len(data.ids))), device, seed=0)
+    loaders = {size: fold_setup.make_train_loader(cfg, data, np.arange(min(size, len(data.ids))), device, seed=0)
                for size in sizes}
     times = {size: [] for size in sizes}
     for _ in range(repeats):  # sizes round-robin, so a slow spell of the machine hits every size alike

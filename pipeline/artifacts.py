@@ -25,7 +25,6 @@ import pandas as pd
 
 from pipeline.errors import DataError
 
-
 # A write that fails says why and what to do; errno groups the causes a user can act on.
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}

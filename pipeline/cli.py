@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline import layout
 from pipeline.config import Config, load_config
-from pipeline.overrides import mask_password
+from pipeline.config.loading import mask_password
 from pipeline.errors import ConfigError, PipelineError
 
 # A stage's own config section, where it is not the section named after the stage.

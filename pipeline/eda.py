@@ -26,16 +26,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline import cli, layout
-from pipeline.adversarial import THUMBNAIL, adversarial_validation, thumbnail_features
-from pipeline.artifacts import atomic_dir, save_figure, write_json, write_text
-from pipeline.config import Config
-from pipeline.images import Cache
-from pipeline.layout import slug
-from pipeline.eda_report import (
-    plot_adversarial,
+from pipeline.analysis.adversarial import THUMBNAIL, adversarial_validation, thumbnail_features
+from pipeline.analysis.report import (
     fmt,
     markdown_report,
     pick_samples,
+    plot_adversarial,
     plot_class_balance,
     plot_crosstab,
     plot_duplicates,
@@ -44,7 +40,7 @@ from pipeline.eda_report import (
     plot_samples,
     plot_sizes,
 )
-from pipeline.eda_stats import (
+from pipeline.analysis.statistics import (
     EXAMPLES,
     NEAR_THRESHOLD,
     add_pixel_differences,
@@ -61,7 +57,10 @@ from pipeline.eda_stats import (
     scan_images,
     size_summary,
 )
-
+from pipeline.artifacts import atomic_dir, save_figure, write_json, write_text
+from pipeline.config import Config
+from pipeline.data.images import Cache
+from pipeline.layout import slug
 
 # ---------------------------------------------------------------- the stage
 

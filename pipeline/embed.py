@@ -25,11 +25,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import cli, layout, linear, weights
+from pipeline import cli, layout
 from pipeline.artifacts import atomic_dir
 from pipeline.config import Config
+from pipeline.data.images import Cache
 from pipeline.errors import ConfigError
-from pipeline.images import Cache
+from pipeline.training import linear, weights
 
 
 def backbone_source(name: str):
@@ -112,7 +113,7 @@ def main(cfg: Config) -> dict:
             print(f"embed: {name} read {len(train_images) + len(test_images)} images at {settings.image_size} px "
                   f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
         x_train, x_test = np.concatenate(x_train, 1), np.concatenate(x_test, 1)
-        oof, test, fold_rows = linear.cross_fit(x_train, labels, folds, x_test, len(cache.class_names),
+        oof, test, fold_rows = linear.cross_fit_logistic(x_train, labels, folds, x_test, len(cache.class_names),
                                                 settings.inverse_regularisation, settings.balance_power)
         result = linear.write_member(out, layout.EMBED_MEMBER, layout.embed_metrics_file(cfg), cfg.metric, cache, ids,
                                      labels, folds, oof, test, fold_rows)

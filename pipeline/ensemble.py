@@ -16,7 +16,7 @@ auto`` takes the best OOF score; test labels are never read here. Every learnt c
 Caruana, stacking, class offsets) is cross-fitted over the folds on OOF, so each OOF score is an honest
 estimate and ``auto`` compares like with like. With one backbone the ensemble is that model.
 ``ensemble.class_offsets`` shifts per-class log-probabilities of every method before ``auto`` chooses. The math lives
-in ``pipeline.voting`` and ``pipeline.blending``; this module only reads, checks, writes.
+in ``pipeline.ensembling.voting`` and ``pipeline.ensembling.blending``; this module only reads, checks, writes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import blending, cli, layout, metrics, selection
+from pipeline import cli, layout, metrics
 from pipeline.artifacts import (
     probability_table,
     read_text_csv,
@@ -38,11 +38,12 @@ from pipeline.artifacts import (
     write_parquet,
     write_text,
 )
-from pipeline.competition import encode_labels
 from pipeline.config import Config
+from pipeline.data.competition import encode_labels
+from pipeline.data.images import Cache
+from pipeline.data.stage_tables import check_same_ids, describe_ids, read_folds, read_probabilities
+from pipeline.ensembling import blending, selection
 from pipeline.errors import ConfigError, DataError
-from pipeline.images import Cache
-from pipeline.tables import check_same_ids, describe_ids, read_folds, read_probabilities
 
 SINGLE = "single"
 
@@ -173,12 +174,12 @@ def run_methods(names: list[str], members: Members, metric: str) -> dict[str, di
 
 def choose(cfg: Config, choices: dict, y_true) -> str:
     """The submitted method: the only model, the configured one, or under auto the best (shifted) OOF score, by the
-    same rule the nested CV applies inside each fold (``selection.choose_best``)."""
+    same rule the nested CV applies inside each fold (``selection.best_method_on_oof``)."""
     if SINGLE in choices:
         return SINGLE
     if cfg.ensemble.method != "auto":
         return cfg.ensemble.method
-    return selection.choose_best({name: {"oof": c.oof} for name, c in choices.items()}, y_true, cfg.metric)
+    return selection.best_method_on_oof({name: {"oof": c.oof} for name, c in choices.items()}, y_true, cfg.metric)
 
 
 def format_weights(names: list[str], weights) -> str:

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import MiniBatchKMeans
 
-from pipeline import cli, layout, linear
+from pipeline import cli, layout
 from pipeline.artifacts import atomic_dir
 from pipeline.config import Config
+from pipeline.data.images import Cache
 from pipeline.errors import ConfigError
-from pipeline.images import Cache
+from pipeline.training import linear
 
 CONTRAST_EPS = 0.1  # added to a patch's standard deviation (pixels in [0, 1]): flat patches stay near zero
 ZCA_EPS = 0.1  # added to the patch covariance's eigenvalues before whitening: noise is not amplified without end

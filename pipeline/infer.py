@@ -23,18 +23,18 @@ import torch
 
 from pipeline import cli, layout, metrics
 from pipeline.artifacts import probability_table, write_csv, write_parquet
-from pipeline.checkpoints import load_fold_model
-from pipeline.competition import encode_labels
 from pipeline.config import Config
-from pipeline.devices import resolve_devices, run_on_devices
-from pipeline.engine import autocast, autocast_dtype, resolve_device, to_device
+from pipeline.data.competition import encode_labels
+from pipeline.data.images import Cache, ImageDataset
+from pipeline.data.stage_tables import read_folds
 from pipeline.errors import ConfigError, DataError
-from pipeline.images import Cache, ImageDataset
-from pipeline.kfold import load_training_data, settings_key, tuned_config
-from pipeline.models import ProbabilityModel
-from pipeline.pseudo import pseudo_key
-from pipeline.refit import check_refit
-from pipeline.tables import read_folds
+from pipeline.training.checkpoints import load_fold_model
+from pipeline.training.devices import resolve_devices, run_on_devices
+from pipeline.training.kfold import load_training_data, settings_key, tuned_config
+from pipeline.training.loop import autocast, autocast_dtype, torch_device, to_device
+from pipeline.training.models import ProbabilityModel
+from pipeline.training.pseudo import pseudo_key
+from pipeline.training.refit import check_refit
 
 
 def tta_transforms(names: list[str], size_hw: tuple[int, int]):
@@ -126,7 +126,7 @@ def trained_folds(cfg: Config, backbone: str) -> list[tuple[int, Path, str]]:
 def inference_device(cfg: Config, name: str | None = None):
     """(device, autocast dtype, channels_last) that models predict with: on ``name`` (a device worker's own), else
     on ``runtime.device``."""
-    device = resolve_device(name or cfg.runtime.device)
+    device = torch_device(name or cfg.runtime.device)
     return device, autocast_dtype(cfg.runtime.amp, device), cfg.runtime.channels_last and device.type == "cuda"
 
 

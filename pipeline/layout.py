@@ -1,8 +1,9 @@
 """Every artifact path, named once.
 
 The ``paths`` section of the config names the folders (under ``paths.work_dir``, but for the
-team's record at the top level: ``paths.submissions`` and ``paths.metrics``, tracked by git so that
-``dvc exp show`` sees the metrics); this module names the files in them. Stages ask here for every
+team's record: ``paths.submissions`` and ``paths.metrics``, at the top level and tracked by git for the run DVC
+tracks, so that ``dvc exp show`` sees the metrics, and under ``work_dir`` for any other run, so that a side run
+never overwrites them: ``Config.record_at_top_level``); this module names the files in them. Stages ask here for every
 path they read or write, and ``tests/test_layout.py`` checks that ``dvc.yaml``'s deps and outs are
 exactly these paths, so a file name is never spelled in two places that could drift apart.
 
@@ -187,7 +188,7 @@ def oof_file(cfg: Config, backbone: str) -> Path:
 
 
 def metrics_dir(cfg: Config) -> Path:
-    """The top-level, git-tracked metrics folder that ``dvc metrics show`` and ``dvc exp show`` read."""
+    """The metrics folder that ``dvc metrics show`` and ``dvc exp show`` read (top level for the run DVC tracks)."""
     return _under(cfg, "metrics")
 
 

@@ -36,9 +36,9 @@ from tqdm import tqdm
 from pipeline import cli, layout
 from pipeline.artifacts import atomic_dir, write_json
 from pipeline.config import Config
-from pipeline.competition import Competition, read_competition
+from pipeline.data.competition import Competition, read_competition
+from pipeline.data.images import try_load_image
 from pipeline.errors import DataError, PipelineError
-from pipeline.images import try_load_image
 
 CACHE_VERSION = 1
 

@@ -1,11 +1,13 @@
 """What a result was made from: the pipeline modules a module imports and a digest of their code; the git
 commit, DVC experiment and config digest of a run.
 
-The fold settings key includes the digest of ``pipeline.kfold``'s code (every module it imports,
-directly or through others), so editing any code training depends on retrains the folds instead
-of skipping them as already trained; ``tests/test_layout.py`` uses the same import closure to
-check that ``dvc.yaml`` lists each stage's code as deps. The submit stage writes ``run_provenance`` into every
-leaderboard row and Kaggle upload message, so a score can be traced to the code and settings that made it.
+Modules are named by their dotted path under ``pipeline`` (``layout``, ``training.kfold``; a subpackage's
+``__init__`` by the subpackage's name, ``config``). The fold settings key includes ``training_code_digest()``: the
+parsed code (comments and docstrings left out) of the modules training computes with, so a fixed typo retrains
+nothing while an edit to the loss or the optimizer retrains every fold. ``tests/test_layout.py`` uses the same
+import closure to check that ``dvc.yaml`` lists each stage's code as deps. The submit stage writes
+``run_provenance`` into every leaderboard row and Kaggle upload message, so a score can be traced to the code and
+settings that made it.
 """
 
 from __future__ import annotations
@@ -18,22 +20,40 @@ import os
 import subprocess
 from pathlib import Path
 
-from pipeline.overrides import mask_password
+from pipeline.config.loading import mask_password
 
 PACKAGE = Path(__file__).resolve().parent
 
+# What a trained fold's result depends on, as code: the k-fold loop and everything it imports from these
+# subpackages and modules. Left out: where files go and how they are named (layout, artifacts), the config's
+# loading (its values are in the key themselves), messages and the command line.
+TRAINING_PACKAGES, TRAINING_MODULES = ("training", "data"), ("metrics", "formula")
 
-def direct_imports(path: Path) -> set[str]:
-    """The pipeline modules a source file imports (``from pipeline import x``, ``pipeline.x``)."""
+
+def module_file(name: str, package: Path = PACKAGE) -> Path:
+    """``training.kfold`` -> pipeline/training/kfold.py; a subpackage's name -> its ``__init__.py``."""
+    path = package.joinpath(*name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def _module_name(dotted: str, package: Path) -> str | None:
+    """``pipeline.a.b`` -> ``a.b`` when that is a module or subpackage of ``package``; else None."""
+    parts = dotted.split(".")[1:]
+    return ".".join(parts) if parts and module_file(".".join(parts), package).exists() else None
+
+
+def direct_imports(path: Path, package: Path = PACKAGE) -> set[str]:
+    """The pipeline modules a source file imports (``from pipeline import x``, ``from pipeline.a.b import y``,
+    ``import pipeline.a``), a submodule's subpackage (its ``__init__`` runs first) included."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
-            names.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
+            for alias in node.names:  # `from pipeline.a import b`: b is a module of a, or a name a defines
+                names.add(_module_name(f"{node.module}.{alias.name}", package) or _module_name(node.module, package))
         elif isinstance(node, ast.Import):
-            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")}
-    return names
+            names |= {_module_name(a.name, package) for a in node.names if a.name.startswith("pipeline.")}
+    names.discard(None)
+    return names | {name.rsplit(".", 1)[0] for name in names if "." in name}
 
 
 def imported_modules(module: str, package: Path = PACKAGE) -> list[str]:
@@ -43,17 +63,41 @@ def imported_modules(module: str, package: Path = PACKAGE) -> list[str]:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo += direct_imports(package / f"{name}.py")
+            todo += direct_imports(module_file(name, package), package)
     return sorted(seen)
 
 
-@functools.cache
-def code_digest(module: str) -> str:
-    """A digest of the source of ``module`` and of every pipeline module it imports."""
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """The tree with every module, class and function docstring removed (comments are never in it)."""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_text(path: Path) -> str:
+    """A module's code as its parsed syntax tree: the same for two sources that differ in comments, docstrings,
+    blank lines or line breaks, different for any change to what runs."""
+    return ast.dump(_without_docstrings(ast.parse(path.read_text())), include_attributes=False)
+
+
+def code_digest(modules, package: Path = PACKAGE) -> str:
+    """A digest of the parsed code of ``modules`` (dotted names)."""
     digest = hashlib.sha256()
-    for name in imported_modules(module):
-        digest.update(name.encode() + b"\0" + (PACKAGE / f"{name}.py").read_bytes() + b"\0")
+    for name in sorted(modules):
+        digest.update(name.encode() + b"\0" + code_text(module_file(name, package)).encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+@functools.cache
+def training_code_digest(module: str = "training.kfold", package: Path = PACKAGE) -> str:
+    """The digest of the training code ``module`` computes with: it and the modules it imports that are in
+    ``TRAINING_PACKAGES`` or ``TRAINING_MODULES``."""
+    return code_digest([name for name in imported_modules(module, package)
+                        if name.split(".")[0] in TRAINING_PACKAGES or name in TRAINING_MODULES], package)
 
 
 # ---------------------------------------------------------------- a run's commit, experiment and settings

@@ -32,12 +32,12 @@ import pandas as pd
 
 from pipeline import cli, layout, metrics, provenance
 from pipeline.artifacts import read_json, read_table, read_text_csv, write_csv, write_json
-from pipeline.competition import encode_labels
 from pipeline.config import Config
-from pipeline.images import Cache
-from pipeline.layout import slug
-from pipeline.tables import check_same_ids, describe_ids
+from pipeline.data.competition import encode_labels
+from pipeline.data.images import Cache
+from pipeline.data.stage_tables import check_same_ids, describe_ids
 from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.layout import slug
 
 # ---------------------------------------------------------------- building and checking the CSV
 

@@ -8,9 +8,9 @@ Writes: per backbone, ``models/<backbone>/fold<k>/`` (best.pt and last.pt: weigh
         ``metrics/<backbone>.json`` (per fold and mean/std), the folds' per-epoch curves (one TSV per metric,
         the folds overlaid by ``dvc plots show``), a confusion-matrix PNG (rows normalised per true class,
         counts in the cells), and every epoch's metrics to the loggers of ``train.loggers`` (DVCLive,
-        TensorBoard, wandb: ``pipeline.loggers``). Every path is named in ``pipeline.layout``.
+        TensorBoard, wandb: ``pipeline.training.loggers``). Every path is named in ``pipeline.layout``.
 
-The folds themselves are ``pipeline.kfold``'s: a finished fold is skipped, a killed one resumes.
+The folds themselves are ``pipeline.training.kfold``'s: a finished fold is skipped, a killed one resumes.
 """
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from pipeline import cli, distributed, layout, metrics
+from pipeline import cli, layout, metrics
 from pipeline.artifacts import atomic_dir, probability_table, save_figure, write_json, write_parquet
-from pipeline.builders import check_choices
 from pipeline.config import Config
-from pipeline.devices import resolve_devices
 from pipeline.errors import ConfigError
-from pipeline.kfold import cross_validate, load_training_data, tuned_config
-from pipeline.loggers import FOLD_FOLDERS, check_loggers, open_fold_loggers
-from pipeline.pseudo import check_pseudo, pseudo_round
-from pipeline.refit import refit_epochs, train_refit
+from pipeline.training import distributed
+from pipeline.training.devices import resolve_devices
+from pipeline.training.fold_setup import check_choices
+from pipeline.training.kfold import cross_validate, load_training_data, tuned_config
+from pipeline.training.loggers import FOLD_FOLDERS, check_loggers, open_fold_loggers
+from pipeline.training.pseudo import check_pseudo, pseudo_round
+from pipeline.training.refit import refit_epochs, train_refit
 
 
 def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], title: str):

@@ -44,12 +44,12 @@ from pydantic import ValidationError
 
 from pipeline import cli, layout, metrics, provenance
 from pipeline.artifacts import atomic_dir, save_figure, write_csv, write_text
-from pipeline.builders import check_choices
 from pipeline.config import Config, Train
-from pipeline.devices import resolve_devices, run_on_devices
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.kfold import TrainingData, cross_validate, load_training_data, settings_key
-from pipeline.studies import (
+from pipeline.training.devices import resolve_devices, run_on_devices
+from pipeline.training.fold_setup import check_choices
+from pipeline.training.kfold import TrainingData, cross_validate, load_training_data, settings_key
+from pipeline.training.studies import (
     TrialSeededTPE,
     fail_orphaned_trials,
     make_pruner,
@@ -142,7 +142,7 @@ def study_name(cfg: Config, backbone: str, data: TrainingData) -> str:
     """
     search = cfg.tune.model_dump(include={"epochs", "folds", "max_train", "space", "pruner", "seed"})
     digest = hashlib.sha256(json.dumps([settings_key(cfg, backbone, data, -1), search,
-                                        provenance.code_digest("tune")], sort_keys=True, default=str).encode())
+                                        provenance.training_code_digest("tune")], sort_keys=True, default=str).encode())
     return f"{backbone}-{digest.hexdigest()[:10]}"
 
 

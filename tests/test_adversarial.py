@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.adversarial import adversarial_validation, thumbnail_features, verdict
+from pipeline.analysis.adversarial import adversarial_validation, thumbnail_features, verdict
 
 
 def test_thumbnail_features_by_hand():

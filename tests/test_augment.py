@@ -1,10 +1,10 @@
-"""Tests for pipeline.augment: every preset keeps uint8 H x W x C, for grey and colour images."""
+"""Tests for pipeline.training.augment: every preset keeps uint8 H x W x C, for grey and colour images."""
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import PRESETS, BatchFlips, build_augment
+from pipeline.training.augment import PRESETS, BatchFlips, build_augment
 
 SIZES = [(32, 32), (48, 64)]
 ACTIVE_PRESETS = sorted(name for name in PRESETS if name != "none")
@@ -135,8 +135,9 @@ def test_batch_flips_follow_their_seed_and_leave_the_input_alone():
 
 def test_flips_preset_runs_on_batches_in_training(tmp_path):
     from conftest import make_config
-    from pipeline import builders
+
+    from pipeline.training import fold_setup
 
     cfg = make_config(tmp_path / "work")
-    assert isinstance(builders.make_batch_augment(cfg, seed=0), BatchFlips)
-    assert builders.make_batch_augment(make_config(tmp_path / "work", "train.augment=light"), seed=0) is None
+    assert isinstance(fold_setup.make_batch_augment(cfg, seed=0), BatchFlips)
+    assert fold_setup.make_batch_augment(make_config(tmp_path / "work", "train.augment=light"), seed=0) is None

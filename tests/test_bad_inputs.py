@@ -36,9 +36,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
 from conftest import ROOT, make_config, make_csv_competition
+from PIL import Image
 
 from pipeline.config import Paths
 from pipeline.layout import overrides_under

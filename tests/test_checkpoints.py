@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.errors import DataError
+from pipeline.training.checkpoints import load_checkpoint, save_checkpoint
 
 
 class RunsCode:

@@ -96,7 +96,7 @@ def test_backbones_list_or_mapping_with_own_train_overrides():
 
 def test_a_backbone_name_with_a_dot_gets_a_dvc_safe_key_and_keeps_its_timm_name():
     # DVC reads `backbones.convnext_tiny.fb_in22k` as nested keys, so the per-backbone stages could not find it.
-    from pipeline.builders import timm_name
+    from pipeline.training.fold_setup import timm_name
 
     config = load_config(None, ["backbones={convnext_tiny.fb_in22k: {lr: 0.001}, lcnet_050: {}}"])
     assert config.backbones == {"convnext_tiny_fb_in22k": {"model": "convnext_tiny.fb_in22k", "lr": 0.001},

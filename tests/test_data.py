@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT, make_config, make_csv_competition, make_mask_competition, write_image
 from PIL import Image
 
-from conftest import ROOT, make_config, make_csv_competition, make_mask_competition, write_image
 from pipeline import prepare
-from pipeline.competition import build_elpv, read_competition
-from pipeline.images import Cache, load_image
+from pipeline.data.competition import build_elpv, read_competition
+from pipeline.data.images import Cache, load_image
 from pipeline.errors import DataError
-from pipeline.models import Heads
+from pipeline.training.models import Heads
 
 
 def folder_config(tmp_path, comp, *overrides):

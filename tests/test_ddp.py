@@ -16,11 +16,11 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-
 from conftest import ROOT, make_config
+
 from pipeline import folds, prepare, train
-from pipeline.distributed import RankBatchSampler
 from pipeline.layout import overrides_under
+from pipeline.training.distributed import RankBatchSampler
 
 SETTINGS = ("backbones=[lcnet_050]", "train.epochs=3", "train.lr=1e-3")  # a rate that does not diverge in 9 steps
 

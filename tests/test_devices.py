@@ -1,4 +1,4 @@
-"""train.devices: the jobs of a stage spread over devices, one worker process each (pipeline.devices).
+"""train.devices: the jobs of a stage spread over devices, one worker process each (pipeline.training.devices).
 
 On the CPU, `train.devices=[cpu, cpu]` runs two folds at once: train, infer and tune write what a run on one device
 writes, the workers really run at the same time, and a worker that dies stops the stage with a message while every
@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT, make_config
+
 from pipeline import folds, infer, prepare, train, tune
-from pipeline.devices import resolve_devices, run_on_devices, threads_for
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.training.devices import resolve_devices, run_on_devices, threads_for
 
 TWO_CPUS = "train.devices=[cpu, cpu]"
 
@@ -110,7 +110,7 @@ def running(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the workers' state through /proc")
 def test_workers_stop_soon_after_their_stage_process_is_killed(tmp_path):
     stage = subprocess.Popen(
-        [sys.executable, "-c", "from pipeline.devices import run_on_devices; from test_devices import linger; "
+        [sys.executable, "-c", "from pipeline.training.devices import run_on_devices; from test_devices import linger; "
          f"run_on_devices(linger, [({str(tmp_path)!r}, 'a'), ({str(tmp_path)!r}, 'b')], ['cpu', 'cpu'], 'test')"],
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}, start_new_session=True)
     pid_files = [tmp_path / "a.pid", tmp_path / "b.pid"]

@@ -14,10 +14,10 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline import config as config_module
-from pipeline.reference import SECTIONS, config_reference, section_model, undocumented
+from pipeline.config.reference import SECTIONS, config_reference, section_model, undocumented
 
 ROOT = Path(__file__).resolve().parents[1]
-REGENERATE = "python -m pipeline.reference > docs/configuration.md"
+REGENERATE = "python -m pipeline.config.reference > docs/configuration.md"
 DOC_PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
 # A run of fixed words is checked when it has at least 3 words or 10 characters (shorter ones mean little).
 MIN_RUN_WORDS, MIN_RUN_CHARS = 3, 10
@@ -32,7 +32,7 @@ def test_the_configuration_page_is_generated_from_the_config():
 
 def test_every_key_has_a_description():
     assert undocumented() == [], ("these keys have no description: write a one-line string under each field "
-                                  f"in pipeline/config.py, then run `{REGENERATE}`")
+                                  f"in pipeline/config/sections.py, then run `{REGENERATE}`")
 
 
 def test_the_reference_covers_every_section():
@@ -68,9 +68,9 @@ def fixed_runs(message: str) -> list[str]:
 
 def code_pieces(folder: Path = ROOT / "pipeline") -> list[str]:
     """Every literal piece of every string in the code, as words: an f-string's text between its {fields}.
-    Docstrings and pipeline/reference.py (the text of a docs page) are prose, not messages, and left out."""
+    Docstrings and pipeline/config/reference.py (the text of a docs page) are prose, not messages, and left out."""
     pieces = []
-    for path in sorted(folder.glob("*.py")):
+    for path in sorted(folder.rglob("*.py")):
         if path.name == "reference.py":
             continue
         tree = ast.parse(path.read_text())
@@ -173,8 +173,10 @@ def test_relative_links_lead_to_files(page):
 
 def test_the_readme_names_every_module():
     readme = (ROOT / "README.md").read_text()
-    missing = [path.stem for path in sorted((ROOT / "pipeline").glob("*.py"))
-               if path.stem != "__init__" and f"`{path.stem}`" not in readme]
+    top_level = [f"`{path.stem}`" for path in sorted((ROOT / "pipeline").glob("*.py")) if path.stem != "__init__"]
+    subpackages = [f"`{path.parent.name}/`" for path in sorted((ROOT / "pipeline").glob("*/__init__.py"))]
+    inside = [f"`{path.stem}`" for path in sorted((ROOT / "pipeline").glob("*/*.py")) if path.stem != "__init__"]
+    missing = [name for name in top_level + subpackages + inside if name not in readme]
     assert missing == [], f"README.md's code section does not name the module(s) {missing}"
 
 

@@ -11,7 +11,7 @@ from conftest import make_config
 from PIL import Image
 from repo_copy import copy_repository, dvc_env, stages_run
 
-from pipeline.competition import build_elpv
+from pipeline.data.competition import build_elpv
 
 pytestmark = pytest.mark.slow
 

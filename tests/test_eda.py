@@ -10,7 +10,8 @@ import pytest
 from conftest import make_config, make_csv_competition, write_image
 from PIL import Image
 
-from pipeline import eda, eda_stats, prepare
+from pipeline import eda, prepare
+from pipeline.analysis import statistics
 
 
 def smooth_image(seed: int, size: int = 64) -> np.ndarray:
@@ -29,21 +30,21 @@ def distance(a: int, b: int) -> int:
 
 def test_difference_hash_of_identical_images_is_equal():
     image = smooth_image(0)
-    hashes = eda_stats.difference_hash(np.stack([image, image.copy()]))
+    hashes = statistics.difference_hash(np.stack([image, image.copy()]))
     assert hashes.dtype == np.uint64 and hashes[0] == hashes[1]
 
 
 def test_difference_hash_survives_a_contrast_and_brightness_change():
     image = smooth_image(1)
     relit = np.clip(image * 0.6 + 50, 0, 255).astype(np.uint8)
-    a, b = eda_stats.difference_hash(np.stack([image, relit]))
-    assert distance(a, b) <= eda_stats.NEAR_THRESHOLD
+    a, b = statistics.difference_hash(np.stack([image, relit]))
+    assert distance(a, b) <= statistics.NEAR_THRESHOLD
 
 
 def test_difference_hash_of_unrelated_images_is_far():
     rng = np.random.default_rng(2)
     noise = rng.integers(0, 256, size=(2, 64, 64), dtype=np.uint8)
-    a, b, c = eda_stats.difference_hash(np.stack([noise[0], noise[1], smooth_image(3)]))
+    a, b, c = statistics.difference_hash(np.stack([noise[0], noise[1], smooth_image(3)]))
     # Unrelated hashes differ in about half of their 64 bits.
     assert min(distance(a, b), distance(a, c), distance(b, c)) > 16
 
@@ -51,9 +52,9 @@ def test_difference_hash_of_unrelated_images_is_far():
 def test_difference_hash_takes_colour_and_tiny_images():
     colour = np.stack([smooth_image(4)] * 3, axis=-1)[None]
     grey = smooth_image(4)[None, :, :, None].mean(-1)
-    assert eda_stats.difference_hash(colour)[0] == eda_stats.difference_hash(grey)[0]
+    assert statistics.difference_hash(colour)[0] == statistics.difference_hash(grey)[0]
     tiny = np.arange(16, dtype=np.uint8).reshape(1, 4, 4) * 10  # brighter to the right on every row
-    assert eda_stats.difference_hash(tiny).shape == (1,)
+    assert statistics.difference_hash(tiny).shape == (1,)
 
 
 # ---------------------------------------------------------------- pairs and duplicates
@@ -61,10 +62,10 @@ def test_difference_hash_takes_colour_and_tiny_images():
 def test_hamming_pairs_on_a_hand_built_set():
     # Distances: 0-1: 1, 0-2: 3, 0-4: 5, 1-2: 2, 1-4: 4, 2-4: 2, 3 (all ones) is >= 59 from all.
     hashes = np.array([0, 0b1, 0b111, 2**64 - 1, 0b11111], dtype=np.uint64)
-    pairs, total = eda_stats.hamming_pairs(hashes, threshold=2)
+    pairs, total = statistics.hamming_pairs(hashes, threshold=2)
     assert pairs.values.tolist() == [[0, 1, 1], [1, 2, 2], [2, 4, 2]]
     assert total == 3
-    across, total = eda_stats.hamming_pairs(np.array([0, 7], dtype=np.uint64),
+    across, total = statistics.hamming_pairs(np.array([0, 7], dtype=np.uint64),
                                             np.array([1, 0b111 << 61], dtype=np.uint64),
                                             threshold=1)
     assert across.values.tolist() == [[0, 0, 1]] and total == 1
@@ -78,15 +79,15 @@ def test_hamming_pairs_match_brute_force_across_blocks_and_count_past_the_cap():
         hashes[b] = hashes[a] ^ np.uint64(0b1001)  # 2 bits apart
     brute = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
     expected = {(a, b) for a, b in zip(*np.nonzero(np.triu(brute <= 4, k=1)))}
-    pairs, total = eda_stats.hamming_pairs(hashes, threshold=4)
+    pairs, total = statistics.hamming_pairs(hashes, threshold=4)
     assert set(zip(pairs["a"], pairs["b"])) == expected
     assert {tuple(sorted(p)) for p in planted} <= expected and total == len(expected)
-    capped, total = eda_stats.hamming_pairs(hashes, threshold=4, max_pairs=2)
+    capped, total = statistics.hamming_pairs(hashes, threshold=4, max_pairs=2)
     assert len(capped) == 2 and total == len(expected)
 
 
 def test_exact_groups():
-    groups = eda_stats.exact_groups(["a", "b", "a", "c", "b", "a"])
+    groups = statistics.exact_groups(["a", "b", "a", "c", "b", "a"])
     assert [g.tolist() for g in groups] == [[0, 2, 5], [1, 4]]
 
 
@@ -102,7 +103,7 @@ def test_find_duplicates_on_a_hand_built_set():
         "digest": ["d1", "e1", "e2"],  # s0 is t1 (leak)
         "hash": np.array([0xFFFF << 16, (0xFFFF << 16) + 1, 0xFF << 32], dtype=np.uint64),  # s1 near t1, s2 far
     })
-    found = eda_stats.find_duplicates(train, test, threshold=2)
+    found = statistics.find_duplicates(train, test, threshold=2)
     exact = found["exact_train"]
     assert exact[["id_a", "id_b", "label_a", "label_b"]].values.tolist() == [["t0", "t2", "x", "x"]]
     # t2 is a copy of t0, so the near pair t0-t3 is reported once, not once per copy.
@@ -110,7 +111,7 @@ def test_find_duplicates_on_a_hand_built_set():
     assert found["exact_leak"][["id_a", "id_b"]].values.tolist() == [["t1", "s0"]]
     # s0 is already an exact leak; s1 is the only near one.
     assert found["near_leak"][["id_a", "id_b", "distance"]].values.tolist() == [["t1", "s1", 1]]
-    summary = eda_stats.duplicate_summary(found, threshold=2)
+    summary = statistics.duplicate_summary(found, threshold=2)
     assert summary["exact_train"] | {"examples": None} == {"sets": 1, "images": 2, "redundant_images": 1,
                                                            "label_conflicts": 0, "examples": None}
     assert summary["exact_train"]["examples"] == [{"ids": ["t0", "t2"], "labels": ["x", "x"]}]
@@ -121,14 +122,14 @@ def test_find_duplicates_on_a_hand_built_set():
 # ---------------------------------------------------------------- counts, sizes, intensities
 
 def test_class_balance_keeps_class_order_and_absent_classes():
-    table = eda_stats.class_balance(["b", "a", "b", "b"], ["a", "b", "c"])
+    table = statistics.class_balance(["b", "a", "b", "b"], ["a", "b", "c"])
     assert table["count"].tolist() == [1, 3, 0]
     assert table["share"].tolist() == [0.25, 0.75, 0.0]
 
 
 def test_group_summary():
     train = pd.DataFrame({"id": list("abcde"), "target": ["x", "y", "x", "x", "x"], "group": ["g", "g", "h", "h", "k"]})
-    summary = eda_stats.group_summary(eda_stats.group_table(train))
+    summary = statistics.group_summary(statistics.group_table(train))
     assert summary["n_groups"] == 3
     assert summary["images_per_group"] == {"min": 1, "median": 2.0, "mean": 5 / 3, "max": 2}
     assert summary["groups_by_class_count"] == {1: 2, 2: 1}
@@ -136,8 +137,8 @@ def test_group_summary():
 
 def test_channel_stats_equal_a_direct_computation():
     images = np.random.default_rng(0).integers(0, 256, size=(5, 7, 9, 3), dtype=np.uint8)
-    scan = eda_stats.scan_images(images, "test")
-    mean, std = eda_stats.channel_stats(scan["histogram"])
+    scan = statistics.scan_images(images, "test")
+    mean, std = statistics.channel_stats(scan["histogram"])
     pixels = images.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(mean, pixels.mean(axis=0), atol=1e-12)
     np.testing.assert_allclose(std, pixels.std(axis=0), atol=1e-12)
@@ -147,7 +148,7 @@ def test_channel_stats_equal_a_direct_computation():
 def test_class_intensity_by_hand():
     # Two 1 x 2 grey images of class a (means 0 and 255), one of class b (mean 51).
     sums = np.array([[0], [510], [102]])
-    table = eda_stats.class_intensity(sums, ["a", "a", "b"], ["a", "b"], pixels_per_image=2)
+    table = statistics.class_intensity(sums, ["a", "a", "b"], ["a", "b"], pixels_per_image=2)
     assert table["images"].tolist() == [2, 1]
     np.testing.assert_allclose(table["mean"], [0.5, 0.2])
     np.testing.assert_allclose(table["image_mean_std"], [0.5, 0.0])
@@ -160,21 +161,21 @@ def test_class_intensity_by_hand():
     ([1, 2, 3, 4], [4], 0.75),
 ])
 def test_ks_distance_by_hand(a, b, expected):
-    assert eda_stats.ks_distance(a, b) == pytest.approx(expected)
+    assert statistics.ks_distance(a, b) == pytest.approx(expected)
 
 
 def test_sizes_from_headers_summary_and_comparison(tmp_path):
     for name, (height, width) in {"a": (10, 20), "b": (10, 20), "c": (30, 30)}.items():
         write_image(tmp_path / f"{name}.png", np.zeros((height, width), dtype=np.uint8))
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    sizes = eda_stats.read_sizes([tmp_path / f"{n}.png" for n in ("a", "b", "c", "broken")], "test")
-    summary = eda_stats.size_summary(sizes)
+    sizes = statistics.read_sizes([tmp_path / f"{n}.png" for n in ("a", "b", "c", "broken")], "test")
+    summary = statistics.size_summary(sizes)
     assert summary["unreadable"] == 1 and summary["distinct_sizes"] == 2
     assert summary["most_common"][0] == {"size": "20x10", "count": 2, "share": 2 / 3}
     assert summary["aspect"] == {"min": 1.0, "median": 2.0, "max": 2.0}
-    assert not eda_stats.compare_sizes(sizes, sizes)["differ"]
+    assert not statistics.compare_sizes(sizes, sizes)["differ"]
     other = pd.DataFrame({"width": [500.0] * 3, "height": [400.0] * 3, "aspect": [1.25] * 3})
-    assert eda_stats.compare_sizes(sizes, other)["differ"]
+    assert statistics.compare_sizes(sizes, other)["differ"]
 
 
 # ---------------------------------------------------------------- the stage

@@ -8,12 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, check_member_tables
 
 from pipeline import embed, ensemble, folds, layout, prepare
+from pipeline.data.images import Cache
 from pipeline.errors import ConfigError, DataError
-from pipeline.images import Cache
 from pipeline.layout import overrides_under
 
 

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from conftest import make_config_backbones_only as make_config
 
-from pipeline import blending, ensemble, metrics, selection, submit
+from pipeline import ensemble, metrics, submit
 from pipeline.artifacts import probability_table
+from pipeline.ensembling import blending, selection
 from pipeline.errors import ConfigError, DataError
 
 CLASSES = ["cat", "dog", "owl"]
@@ -97,7 +98,7 @@ def test_ensemble_writes_every_output_and_beats_the_best_single(work):
     assert set(report.loc[report["kind"] == "method", "name"]) == set(cfg.ensemble.methods)
     assert set(report.loc[report["kind"] == "model", "name"]) == {"good", "noisy"}
     chosen = report.loc[report["selected"] == "chosen", "name"].tolist()
-    assert chosen == [scores["method"]] == [blending.select_best(
+    assert chosen == [scores["method"]] == [blending.best_of_scores(
         dict(zip(report["name"][report["kind"] == "method"], report[cfg.metric][report["kind"] == "method"])),
         cfg.metric)]
     markdown = (out / "report.md").read_text()

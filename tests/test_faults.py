@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import ROOT, make_config
-from pipeline import builders, cli, folds, prepare, train
+
+from pipeline import cli, folds, prepare, train
 from pipeline.artifacts import atomic_dir, atomic_path, write_text
 from pipeline.config import Paths
 from pipeline.errors import DataError, PipelineError
 from pipeline.layout import overrides_under
+from pipeline.training import fold_setup
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 BACKBONE = "lcnet_050"
@@ -306,7 +307,7 @@ def test_a_dead_writers_temporary_is_removed_a_live_ones_kept(tmp_path):
 
 def nan_loss_from(epoch: int, step: int):
     """A make_loss whose loss turns NaN at (epoch, step) of each fold, as a diverging run's does."""
-    real = builders.make_loss
+    real = fold_setup.make_loss
 
     def make_loss(cfg, heads, targets):
         compute_loss, losses = real(cfg, heads, targets)
@@ -326,7 +327,7 @@ def nan_loss_from(epoch: int, step: int):
 
 
 def test_nan_loss_stops_the_fold_naming_the_epoch_and_writes_no_oof(work, monkeypatch):
-    monkeypatch.setattr(builders, "make_loss", nan_loss_from(epoch=1, step=1))
+    monkeypatch.setattr(fold_setup, "make_loss", nan_loss_from(epoch=1, step=1))
     cfg = config(work, "train.epochs=3")
     with pytest.raises(PipelineError) as error:
         train.main(cfg)

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import check_member_tables
 
 from pipeline import ensemble, features, folds, layout, prepare

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_config
-from pipeline.engine import predict_logits
+
 from pipeline.errors import ConfigError
 from pipeline.infer import merge_views, predict_views, tta_transforms, view_names
-from pipeline.models import Heads, ProbabilityModel, create_model
+from pipeline.training.loop import predict_logits
+from pipeline.training.models import Heads, ProbabilityModel, create_model
 
 
 def tiny_model(channels=1):

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from pipeline import layout
-from pipeline.provenance import imported_modules
 from pipeline.config import load_config
+from pipeline.provenance import PACKAGE, imported_modules, module_file
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "eda", "folds", "tune", "train", "infer", "features", "embed", "ensemble", "submit"]
@@ -59,8 +59,9 @@ def test_dvc_outs_are_the_layout_paths(stage):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_dvc_code_deps_are_the_imported_modules(stage):
-    declared = {Path(p).stem for p in entries(stage_body(stage)["deps"]) if p.startswith("pipeline/")}
-    assert declared == set(imported_modules(stage)), (
+    declared = {p for p in entries(stage_body(stage)["deps"]) if p.startswith("pipeline/")}
+    expected = {str(module_file(name).relative_to(PACKAGE.parent)) for name in imported_modules(stage)}
+    assert declared == expected, (
         f"dvc.yaml's {stage} code deps should be exactly the modules pipeline/{stage}.py imports")
 
 
@@ -112,3 +113,38 @@ def test_the_check_fails_on_a_misspelt_out(monkeypatch):
     monkeypatch.setattr(layout, "ENSEMBLE_SCORES", "score.json")
     with pytest.raises(AssertionError, match="ensemble outs differ"):
         test_dvc_outs_are_the_layout_paths("ensemble")
+
+
+# ---------------------------------------------------------------- a run's record belongs to its run
+
+def test_the_record_is_top_level_only_for_the_tracked_run(monkeypatch):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert layout.metrics_dir(load_config(None)) == Path("metrics")  # the default work_dir: params.yaml's run
+    side = load_config(None, ["paths.work_dir=work/side"])
+    assert layout.metrics_dir(side) == Path("work/side/metrics")
+    assert layout.leaderboard_file(side) == Path("work/side/submissions/leaderboard.csv")
+    asked = load_config(None, ["paths.work_dir=work/side", "paths.record=top"])
+    assert layout.submissions_dir(asked) == Path("submissions")
+    assert layout.metrics_dir(load_config(None, ["paths.record=run"])) == Path("work/metrics")
+    monkeypatch.setenv("DVC_ROOT", "/somewhere")  # a stage that dvc repro or dvc exp run started
+    assert layout.metrics_dir(side) == Path("metrics")
+    assert layout.metrics_dir(load_config(None, ["paths.work_dir=work/side", "paths.record=run"])) == Path(
+        "work/side/metrics")
+
+
+def test_a_side_run_writes_its_metrics_under_its_own_work_dir(tmp_path):
+    """A stage run by hand with another work_dir (a preset, a benchmark) leaves the top-level record alone; the same
+    stage run by DVC writes it."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pipeline.features", "--config", str(ROOT / "configs" / "smoke.yaml"),
+               "features.enabled=false", f"paths.work_dir={tmp_path / 'side'}"]
+    env = {key: value for key, value in os.environ.items() if key != "DVC_ROOT"}
+    env["PYTHONPATH"] = str(ROOT)
+    subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
+    assert (tmp_path / "side" / "metrics" / "features.json").is_file()
+    assert not (tmp_path / "metrics").exists()
+    subprocess.run(command, cwd=tmp_path, env={**env, "DVC_ROOT": str(tmp_path)}, check=True, capture_output=True)
+    assert (tmp_path / "metrics" / "features.json").is_file()

@@ -1,4 +1,4 @@
-"""The per-fold logistic regression of the members that train no network (pipeline/linear.py): class weights by
+"""The per-fold logistic regression of the members that train no network (pipeline/training/linear.py): class weights by
 hand, and a cross-fit that never predicts a row with a model that saw it."""
 
 from __future__ import annotations
@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import linear
+from pipeline.training import linear
 
 
 def test_class_weights_by_hand():
     labels = np.array([0, 0, 0, 0, 1])
     # power 1: 1/4 and 1, scaled to mean 1 over the labels: (4 * 0.25 + 1) / 5 = 0.4 -> 0.625, 2.5
-    assert linear.class_weights(labels, 3, 1.0) == pytest.approx({0: 0.625, 1: 2.5})
+    assert linear.balanced_class_weights(labels, 3, 1.0) == pytest.approx({0: 0.625, 1: 2.5})
     # power 0.5: 1/2 and 1, mean (4 * 0.5 + 1) / 5 = 0.6; class 2 is absent and gets no weight
-    assert linear.class_weights(labels, 3, 0.5) == pytest.approx({0: 0.5 / 0.6, 1: 1 / 0.6})
+    assert linear.balanced_class_weights(labels, 3, 0.5) == pytest.approx({0: 0.5 / 0.6, 1: 1 / 0.6})
 
 
 def test_cross_fit_never_predicts_a_row_with_a_model_that_saw_it():
@@ -25,7 +25,7 @@ def test_cross_fit_never_predicts_a_row_with_a_model_that_saw_it():
     labels = rng.integers(0, 2, n)
     row_folds = np.arange(n) % 3
     x = np.eye(n)
-    oof, test, fold_rows = linear.cross_fit(x, labels, row_folds, x[:5], 2, inverse_regularisation=100.0,
+    oof, test, fold_rows = linear.cross_fit_logistic(x, labels, row_folds, x[:5], 2, inverse_regularisation=100.0,
                                               balance_power=0.0)
     memorised = linear.fit_predict(x, labels, [x], 2, 100.0, 0.0)[0]
     assert (memorised.argmax(1) == labels).mean() == 1.0
@@ -40,5 +40,5 @@ def test_cross_fit_learns_a_separable_problem():
     rng = np.random.default_rng(1)
     labels = np.repeat([0, 1, 2], 30)
     x = np.eye(3)[labels] * 3 + rng.normal(scale=0.5, size=(90, 3))
-    oof, _, _ = linear.cross_fit(x, labels, np.arange(90) % 5, x[:3], 3, 1.0, 0.5)
+    oof, _, _ = linear.cross_fit_logistic(x, labels, np.arange(90) % 5, x[:3], 3, 1.0, 0.5)
     assert (oof.argmax(1) == labels).mean() > 0.95

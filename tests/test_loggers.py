@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from conftest import make_config
 
-from pipeline import folds, kfold, layout, loggers, prepare, train
+from pipeline import folds, layout, prepare, train
 from pipeline.errors import ConfigError
+from pipeline.training import kfold, loggers
 
 BACKBONE = "lcnet_050"
 METRICS = ("train_loss", "val_loss", "macro_f1", "lr")

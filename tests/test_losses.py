@@ -1,4 +1,4 @@
-"""Tests for pipeline.losses: values checked against torch and against numbers worked by hand."""
+"""Tests for pipeline.training.losses: values checked against torch and against numbers worked by hand."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.losses import LOSSES, F1Loss, FocalLoss, build_loss, class_weights, ordinal_kernel
+from pipeline.training.losses import LOSSES, F1Loss, FocalLoss, build_loss, class_weights, ordinal_kernel
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -213,8 +213,8 @@ def test_train_loss_ordinal_reaches_the_training_loss_with_its_scale(tmp_path):
     # The config's loss and scale reach what training minimises: the hand-computed case above, through make_loss.
     from conftest import make_config
 
-    from pipeline.builders import make_loss
-    from pipeline.models import Heads
+    from pipeline.training.fold_setup import make_loss
+    from pipeline.training.models import Heads
 
     cfg = make_config(tmp_path, "train.loss=ordinal", f"train.ordinal_scale={math.log(2)}", "train.label_smoothing=0")
     heads = Heads(["a", "b", "c"], [("target", ["a", "b", "c"])])

@@ -7,8 +7,8 @@ import torch
 from conftest import make_config, make_mask_competition
 
 from pipeline import ensemble, features, folds, infer, layout, prepare, submit, train
-from pipeline.images import Cache
-from pipeline.checkpoints import load_fold_model
+from pipeline.data.images import Cache
+from pipeline.training.checkpoints import load_fold_model
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 from conftest import make_config
 
-from pipeline import ensemble, kfold, layout, train
+from pipeline import ensemble, layout, train
+from pipeline.training import kfold
 
 BACKBONE = "lcnet_050"
 

@@ -12,12 +12,12 @@ import torch
 from conftest import ROOT, make_config
 
 from pipeline import folds, infer, layout, prepare, train
-from pipeline.checkpoints import load_fold_model
+from pipeline.data.images import Cache
 from pipeline.errors import DataError
-from pipeline.images import Cache
-from pipeline.kfold import TrainingData, fold_indices
-from pipeline.models import Heads
-from pipeline.pseudo import head_targets, select_confident, with_pseudo_rows
+from pipeline.training.checkpoints import load_fold_model
+from pipeline.training.kfold import TrainingData, fold_indices
+from pipeline.training.models import Heads
+from pipeline.training.pseudo import head_targets, select_confident, with_pseudo_rows
 
 
 def test_select_confident_takes_rows_whose_top_probability_reaches_the_threshold():

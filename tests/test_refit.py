@@ -8,8 +8,8 @@ import pytest
 from conftest import make_config
 
 from pipeline import folds, infer, layout, prepare, train
-from pipeline.kfold import FoldResult
-from pipeline.refit import refit_epochs
+from pipeline.training.kfold import FoldResult
+from pipeline.training.refit import refit_epochs
 
 
 def fold_result(best_epoch):

@@ -1,11 +1,12 @@
-"""The honest score of choosing an ensembling method on OOF (pipeline.selection), by hand."""
+"""The honest score of choosing an ensembling method on OOF (pipeline.ensembling.selection), by hand."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import blending, metrics, selection
+from pipeline import metrics
+from pipeline.ensembling import blending, selection
 
 # Three members, two classes: soft voting says class 0 (mean 0.597), the majority of argmaxes says class 1. On a row
 # labelled 0 ("S") soft is right and hard wrong; on a row labelled 1 ("H") the other way round.
@@ -29,7 +30,7 @@ def test_each_fold_is_predicted_by_the_method_its_other_folds_chose():
     # Chosen on all rows (3 S, 3 H: a tie, so soft) the same procedure claims 1/2: the choice's optimism.
     whole = selection.candidates(["soft", "hard"], members_for(labels), labels, folds, members_for(labels),
                                  "accuracy", class_offsets=False)
-    assert selection.choose_best(whole, labels, "accuracy") == "soft"
+    assert selection.best_method_on_oof(whole, labels, "accuracy") == "soft"
     assert metrics.accuracy(labels, whole["soft"]["oof"]) == pytest.approx(1 / 2)
 
 

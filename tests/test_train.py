@@ -4,13 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_config
-from pipeline import builders, ensemble, folds, infer, kfold, metrics, prepare, train
-from pipeline.engine import StepState, train_one_epoch
+
+from pipeline import ensemble, folds, infer, metrics, prepare, train
+from pipeline.data.images import Cache
 from pipeline.errors import ConfigError
-from pipeline.images import Cache
-from pipeline.models import Heads, check_backbone, create_model
+from pipeline.training import fold_setup, kfold
+from pipeline.training.loop import StepState, train_one_epoch
+from pipeline.training.models import Heads, check_backbone, create_model
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_sampler_draws_classes_in_proportion_to_count_to_the_one_minus_power(pre
     expected = counts ** (1 - power) / (counts ** (1 - power)).sum()  # class c drawn ~ n_c * n_c^-power
     drawn = np.zeros(4)
     for epoch_seed in range(200):
-        loader = builders.make_train_loader(cfg, data, indices, torch.device("cpu"), seed=epoch_seed)
+        loader = fold_setup.make_train_loader(cfg, data, indices, torch.device("cpu"), seed=epoch_seed)
         labels = data.labels[np.asarray(list(iter(loader.sampler)) if loader.sampler is not None else indices)]
         drawn += np.bincount(labels, minlength=4)
     assert counts.max() > 2 * counts.min()  # imbalanced enough for the three powers to differ

@@ -24,9 +24,10 @@ from pg_cluster import find_bin_dir, postgres_cluster
 
 import pipeline.folds
 import pipeline.prepare
-from pipeline import cli, studies, tune
+from pipeline import cli, tune
 from pipeline.errors import ConfigError
-from pipeline.kfold import load_training_data, tuned_config
+from pipeline.training import studies
+from pipeline.training.kfold import load_training_data, tuned_config
 
 BACKBONE = "lcnet_050"
 # One training batch per epoch, drawn in order (no oversampling), so trials compare deterministically.

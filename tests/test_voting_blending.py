@@ -1,9 +1,11 @@
-"""Tests for pipeline.voting and pipeline.blending against hand-computed tables and constructed cases."""
+"""Tests for pipeline.ensembling.voting and pipeline.ensembling.blending against hand-computed tables and
+constructed cases."""
 
 import numpy as np
 import pytest
 
-from pipeline import blending, metrics, voting
+from pipeline import metrics
+from pipeline.ensembling import blending, voting
 
 MEMBER_A = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
 MEMBER_B = np.array([[0.7, 0.3], [0.4, 0.6], [0.1, 0.9]])
@@ -258,7 +260,7 @@ def test_apply_class_offsets_by_hand():
     np.testing.assert_allclose(result, [[0.75, 0.25]])
 
 
-# --- run_method / select_best -----------------------------------------------------------------
+# --- run_method / best_of_scores -----------------------------------------------------------------
 
 @pytest.mark.parametrize("method", list(blending.METHODS))
 def test_every_method_returns_clean_rows_even_with_exact_zeros(method):
@@ -333,11 +335,11 @@ def test_run_method_rejects_unknown_names():
     ],
 )
 def test_select_best(scores, metric, expected):
-    assert blending.select_best(scores, metric) == expected
+    assert blending.best_of_scores(scores, metric) == expected
 
 
 def test_select_best_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"soft.*stacking"):
-        blending.select_best({"blend": 0.5}, "accuracy")
+        blending.best_of_scores({"blend": 0.5}, "accuracy")
     with pytest.raises(ValueError, match="macro_f1"):
-        blending.select_best({"soft": 0.5}, "f2")
+        blending.best_of_scores({"soft": 0.5}, "f2")

@@ -1,4 +1,4 @@
-"""Pretrained weights from a file or a packaged name (pipeline/weights.py): which layouts load, that they load
+"""Pretrained weights from a file or a packaged name (pipeline/training/weights.py): which layouts load, that they load
 exactly and strictly, what stops a run (exit 2, naming the tensor), and the normalisation the weights bring."""
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import ROOT, make_config, make_csv_competition
 from PIL import Image
 
-from conftest import ROOT, make_config, make_csv_competition
-
-from pipeline import weights
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.layout import overrides_under
-from pipeline.models import Heads, create_model
+from pipeline.training import weights
+from pipeline.training.models import Heads, create_model
 
 MILITARY_UNIFORM = 652  # ImageNet's class of matplotlib's sample photo of Grace Hopper
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -258,7 +257,8 @@ def test_the_train_stage_exits_2_naming_the_tensor(prepared, lcnet_file, capsys)
 
 @pytest.mark.slow
 def test_checkpoints_record_the_normalisation_the_weights_brought(prepared, lcnet_file):
-    from pipeline import checkpoints, layout, train
+    from pipeline import layout, train
+    from pipeline.training import checkpoints
 
     root, overrides = prepared
     path, _ = lcnet_file

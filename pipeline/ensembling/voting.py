@@ -4,7 +4,7 @@ Members are M predictions of the same N rows (same order = same ids), given as a
 N x C arrays or one M x N x C array. Every combiner returns an N x C array whose rows sum to 1
 and contain no NaN, even when members hold exact zeros (probabilities are clipped to a small
 epsilon before any logarithm). What learns from OOF (weights, stacking, offsets) is
-``pipeline.blending``.
+``pipeline.ensembling.blending``.
 """
 
 import numpy as np

@@ -3,7 +3,7 @@
 A competition is read into one ``Competition`` object whatever its layout (a Kaggle CSV,
 class-per-subfolder, the Boostcamp mask layout), so every later stage sees the same
 tables: ``train`` (id, path, target, group, head and aux columns) and ``test`` (id, path)
-in the sample submission's order. Decoding the images is ``pipeline.images``' job.
+in the sample submission's order. Decoding the images is ``pipeline.data.images``' job.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 One fold is three parts, each readable alone:
 
-- ``build_fold``: the model, loss, optimizer, scheduler, EMA and mixup of the fold (``pipeline.builders``);
-- ``FoldStore`` (``pipeline.fold_store``): the fold's folder (``done.json`` and the validation probabilities when
+- ``build_fold``: the model, loss, optimizer, scheduler, EMA and mixup of the fold (``pipeline.training.fold_setup``);
+- ``FoldStore``: the fold's folder (``done.json`` and the validation probabilities when
   finished, ``last.pt`` to resume, ``best.pt`` for infer: the epoch ``train.keep_epoch`` keeps). Tuning trials use
   ``FoldStore(None, ...)``, which keeps nothing on disk;
 - ``train_fold``: the epoch loop (train one epoch, validate, remember the kept epoch, save, stop early).
@@ -12,7 +12,7 @@ A fold that finished with the same settings is not trained again; a fold killed 
 continues from last.pt (model, optimizer, scheduler, EMA, epoch); changed settings start the fold
 afresh. Each epoch is seeded from (seed, fold, epoch), so the same config gives the same OOF on
 the CPU, resumed or not. ``cross_validate`` trains the folds in turn, or at once on the devices of
-``train.devices`` (``pipeline.devices``: one worker process per device).
+``train.devices`` (``pipeline.training.devices``: one worker process per device).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +29,139 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from pipeline import builders, distributed, layout, metrics, provenance
-from pipeline.competition import encode_labels
+from pipeline import layout, metrics, provenance
+from pipeline.artifacts import atomic_path, write_json
 from pipeline.config import Config
-from pipeline.devices import run_on_devices
-from pipeline.engine import autocast_dtype, predict_logits, resolve_device, seed_everything, train_one_epoch
+from pipeline.data.competition import encode_labels
+from pipeline.data.images import Cache
+from pipeline.data.stage_tables import read_folds
 from pipeline.errors import ConfigError, DataError, PipelineError
-from pipeline.fold_store import FoldBuild, FoldProgress, FoldResult, FoldStore  # noqa: F401 (re-exported)
-from pipeline.images import Cache
-from pipeline.models import Heads, create_model, set_backbone_frozen
-from pipeline.tables import read_folds
+from pipeline.training import distributed, fold_setup
+from pipeline.training.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.training.devices import run_on_devices
+from pipeline.training.loop import (
+    StepState,
+    autocast_dtype,
+    predict_logits,
+    torch_device,
+    seed_everything,
+    train_one_epoch,
+)
+from pipeline.training.models import Heads, create_model, set_backbone_frozen
+
+# ---------------------------------------------------------------- one fold's parts that outlive an epoch
+
+@dataclass
+class FoldBuild:
+    """The objects that train one fold."""
+
+    model: torch.nn.Module
+    forward_model: torch.nn.Module  # the model, or its torch.compile'd form
+    compute_loss: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    per_update: bool  # the scheduler steps per optimizer update (else per epoch, on the score)
+    scaler: object
+    ema: object
+    mixup: object
+    state: StepState = field(default_factory=StepState)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """What is validated and saved as best.pt: the EMA weights when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+@dataclass
+class FoldProgress:
+    """Where a fold stands: resumed from last.pt, returned when it ends."""
+
+    start_epoch: int = 0
+    best_score: float | None = None
+    best_epoch: int = -1
+    stale: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_proba: np.ndarray | None = None
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    best_score: float
+    best_epoch: int
+    validation_indices: np.ndarray
+    validation_proba: np.ndarray
+    history: list[dict]
+
+
+class FoldStore:
+    """A fold's folder, or nothing (``folder=None``: a tuning trial keeps nothing on disk).
+
+    done.json + validation.npy mark a finished fold (with its settings key), last.pt is the
+    state to resume from after each epoch, best.pt the best epoch's weights for infer.
+    """
+
+    def __init__(self, folder: Path | None, key: str, label: str):
+        self.folder, self.key, self.label = folder, key, label
+        self.loggers = None  # the fold's loggers (pipeline.training.loggers.FoldLoggers), opened by train_fold
+
+    def finished(self) -> dict | None:
+        """The summary of a fold finished with the same settings, else None."""
+        if self.folder is None:
+            return None
+        done, validation = self.folder / layout.FOLD_DONE, self.folder / layout.FOLD_VALIDATION
+        if not (done.exists() and validation.exists()):
+            return None
+        summary = json.loads(done.read_text())
+        return {**summary, "proba": np.load(validation)} if summary.get("key") == self.key else None
+
+    def resume(self, build: FoldBuild, epochs: int) -> FoldProgress:
+        """The progress saved in last.pt, loaded into ``build``; a fresh start when there is none or it is stale."""
+        last = self.folder / layout.FOLD_LAST if self.folder is not None else None
+        if last is None or not last.exists():
+            return FoldProgress()
+        checkpoint = load_checkpoint(last)
+        if checkpoint.get("key") != self.key:
+            print(f"{self.label}: settings changed since {last}; starting afresh", file=sys.stderr)
+            return FoldProgress()
+        build.model.load_state_dict(checkpoint["model"])
+        build.optimizer.load_state_dict(checkpoint["optimizer"])
+        for name in ("scheduler", "ema", "scaler"):
+            part = getattr(build, name)
+            if part is not None and checkpoint.get(name) is not None:
+                part.load_state_dict(checkpoint[name])
+        build.state.updates = checkpoint["updates"]
+        progress = FoldProgress(checkpoint["epoch"] + 1, checkpoint["best_score"], checkpoint["best_epoch"],
+                                checkpoint["stale"], checkpoint["history"], checkpoint.get("best_proba"))
+        print(f"{self.label}: resuming from {last} at epoch {progress.start_epoch + 1}/{epochs}", file=sys.stderr)
+        return progress
+
+    def save_epoch(self, record: dict, payload: dict, build: FoldBuild, progress: FoldProgress,
+                   improved: bool) -> None:
+        """Write best.pt when the epoch improved and last.pt always, then log its metrics (``record``) to the
+        fold's loggers: after the save, so that a fold resumed from last.pt never logs an epoch twice."""
+        if self.folder is not None and distributed.is_main():  # under torchrun rank 0 writes for all
+            if improved:
+                save_checkpoint(self.folder / layout.checkpoint_name("best"), payload)
+            parts = {name: getattr(build, name).state_dict() if getattr(build, name) is not None else None
+                     for name in ("optimizer", "scheduler", "ema", "scaler")}
+            save_checkpoint(self.folder / layout.FOLD_LAST, {
+                **payload, "model": build.model.state_dict(), **parts, "updates": build.state.updates,
+                "best_score": progress.best_score, "best_epoch": progress.best_epoch, "stale": progress.stale,
+                "history": progress.history, "best_proba": progress.best_proba})
+        if self.loggers is not None and record:
+            self.loggers.log(record, step=payload["epoch"])
+
+    def finish(self, progress: FoldProgress) -> None:
+        if self.loggers is not None:
+            self.loggers.close()
+        if self.folder is None or not distributed.is_main():
+            return
+        with atomic_path(self.folder / layout.FOLD_VALIDATION) as temporary, open(temporary, "wb") as handle:
+            np.save(handle, progress.best_proba)
+        write_json(self.folder / layout.FOLD_DONE, {"key": self.key, "best_score": progress.best_score,
+                                                    "best_epoch": progress.best_epoch, "history": progress.history})
+
 
 # ---------------------------------------------------------------- inputs
 
@@ -106,7 +229,7 @@ def tuned_config(cfg: Config, backbone: str) -> Config:
 
 
 # Train keys that leave a fold's result alone: changing them must not retrain it.
-# The pseudo-label keys shape the second round only, which is kept under a key of its own (pipeline.pseudo).
+# The pseudo-label keys shape the second round only, which is kept under a key of its own (pipeline.training.pseudo).
 NOT_SETTINGS = {"folds", "loggers", "wandb_project", "devices", "pseudo_label", "pseudo_threshold"}
 
 
@@ -114,7 +237,7 @@ def settings_key(cfg: Config, backbone: str, data: TrainingData, fold: int) -> s
     """A digest of everything a fold's result depends on (settings, ids, folds, labels, the images and the code
     of training); a change starts the fold afresh."""
     relevant = {"backbone": backbone, "fold": fold, "train": cfg.train.model_dump(exclude=NOT_SETTINGS),
-                "code": provenance.code_digest("kfold"), "images": data.cache_fingerprint,
+                "code": provenance.training_code_digest(), "images": data.cache_fingerprint,
                 "runtime": cfg.runtime.model_dump(exclude={"num_workers", "eval_batch_size"}), "metric": cfg.metric,
                 "data": [list(cfg.data.size_hw), cfg.data.channels, cfg.data.aux_cols],
                 "heads": data.heads.to_dict()}
@@ -134,25 +257,25 @@ def settings_key(cfg: Config, backbone: str, data: TrainingData, fold: int) -> s
 def build_fold(cfg: Config, backbone: str, data: TrainingData, train_indices: np.ndarray, epochs: int,
                device: torch.device, amp) -> FoldBuild:
     """Model (seeded by the caller), loss, optimizer, scheduler, AMP scaler, EMA and mixup of one fold."""
-    model = create_model(builders.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean, data.std,
+    model = create_model(fold_setup.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean, data.std,
                          cfg.train.pretrained, cfg.train.pretrained_file, cfg.train.drop_rate,
                          cfg.train.drop_path_rate).to(device)
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    compute_loss, losses = builders.make_loss(cfg, data.heads, data.targets[train_indices])
+    compute_loss, losses = fold_setup.make_loss(cfg, data.heads, data.targets[train_indices])
     for loss in losses:
         loss.to(device)
-    optimizer = builders.make_optimizer(cfg, model)
-    probe_loader = builders.make_train_loader(cfg, data, train_indices, device, seed=0)
+    optimizer = fold_setup.make_optimizer(cfg, model)
+    probe_loader = fold_setup.make_train_loader(cfg, data, train_indices, device, seed=0)
     steps_per_epoch = max(1, -(-len(probe_loader) // cfg.train.accumulate))
-    scheduler, per_update = builders.make_scheduler(cfg, optimizer, steps_per_epoch, epochs)
+    scheduler, per_update = fold_setup.make_scheduler(cfg, optimizer, steps_per_epoch, epochs)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     ema = None
     if cfg.train.ema:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
-    mixup = builders.make_mixup(cfg, data.heads)
+    mixup = fold_setup.make_mixup(cfg, data.heads)
     forward_model = distributed.wrap(model, device)  # DistributedDataParallel under torchrun
     forward_model = torch.compile(forward_model) if cfg.runtime.compile else forward_model
     return FoldBuild(model, forward_model, compute_loss, optimizer, scheduler, per_update, scaler, ema, mixup)
@@ -179,14 +302,14 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
 
     ``out_dir`` (None: keep nothing on disk, as tuning trials do) receives best.pt, last.pt and done.json.
     ``on_epoch(epoch, score)`` is called after every validation, which is how Optuna prunes; it may raise to stop
-    the fold. ``open_loggers(fold, resume)`` opens the loggers every epoch's metrics go to (``pipeline.loggers``;
-    None: none, as in tuning trials). ``device``: a device worker's own (None: ``runtime.device``). ``key``: the
-    settings key the fold is kept under and ``label`` its name in messages (None: ``settings_key`` and
-    ``[backbone] fold k``; a pseudo-label round passes its own).
+    the fold. ``open_loggers(fold, resume)`` opens the loggers every epoch's metrics go to
+    (``pipeline.training.loggers``; None: none, as in tuning trials). ``device``: a device worker's own (None:
+    ``runtime.device``). ``key``: the settings key the fold is kept under and ``label`` its name in messages (None:
+    ``settings_key`` and ``[backbone] fold k``; a pseudo-label round passes its own).
     """
     epochs = epochs or cfg.train.epochs
     label = label or f"[{backbone}] fold {fold}"
-    device = resolve_device(device or cfg.runtime.device)
+    device = torch_device(device or cfg.runtime.device)
     amp = autocast_dtype(cfg.runtime.amp, device)
     train_indices, validation_indices = fold_indices(cfg, data, fold, train_subset)
     store = FoldStore(out_dir, key or settings_key(cfg, backbone, data, fold), label)
@@ -212,7 +335,7 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
               f"{cfg.metric} {record[cfg.metric]:.4f}{' *' if improved else ''} ({record['seconds']}s)",
               file=sys.stderr)
         mean, std = build.model.normalisation()  # the pretrained weights' own, when they set it
-        payload = {"model": build.evaluated.state_dict(), "backbone": builders.timm_name(cfg, backbone),
+        payload = {"model": build.evaluated.state_dict(), "backbone": fold_setup.timm_name(cfg, backbone),
                    "heads": data.heads.to_dict(),
                    "in_chans": cfg.data.channels, "mean": mean, "std": std,
                    "config": provenance.public_config(cfg), "epoch": epoch, "score": record[cfg.metric],
@@ -232,7 +355,7 @@ def train_fold(cfg: Config, backbone: str, data: TrainingData, fold: int, out_di
 def validate(cfg: Config, model, data: TrainingData, validation_indices: np.ndarray, device, amp,
              label: str) -> np.ndarray:
     """The validation images' class probabilities (each rank predicts its share under torchrun; all get the whole)."""
-    loader = builders.make_eval_loader(cfg, data.images, distributed.shard(validation_indices), device,
+    loader = fold_setup.make_eval_loader(cfg, data.images, distributed.shard(validation_indices), device,
                                        cfg.runtime.eval_batch_size)
     logits = predict_logits(model, loader, device, amp=amp, channels_last=cfg.runtime.channels_last, desc="validate")
     proba = distributed.gather_rows(data.heads.probabilities(logits).numpy().astype(np.float64),
@@ -250,12 +373,12 @@ def run_epoch(cfg: Config, build: FoldBuild, data: TrainingData, train_indices, 
     seed_everything(epoch_seed)
     frozen = epoch < cfg.train.freeze_epochs
     set_backbone_frozen(build.model, frozen)
-    loader = builders.make_train_loader(cfg, data, train_indices, device, seed=epoch_seed)
+    loader = fold_setup.make_train_loader(cfg, data, train_indices, device, seed=epoch_seed)
     return train_one_epoch(
         build.forward_model, loader, build.optimizer, build.compute_loss, device, state=build.state,
         scheduler=build.scheduler, per_update_scheduler=build.per_update, amp=amp, scaler=build.scaler,
         accumulate=cfg.train.accumulate, grad_clip=cfg.train.grad_clip, ema=build.ema, mixup=build.mixup,
-        channels_last=cfg.runtime.channels_last, batch_augment=builders.make_batch_augment(cfg, epoch_seed),
+        channels_last=cfg.runtime.channels_last, batch_augment=fold_setup.make_batch_augment(cfg, epoch_seed),
         frozen_norm=cfg.train.frozen_norm, desc=f"{label} epoch {epoch + 1}/{epochs}" + (" (frozen)" if frozen else ""))
 
 
@@ -286,7 +409,7 @@ def cross_validate(cfg: Config, backbone: str, data: TrainingData, out_dir: Path
                    open_loggers=None, devices: list[str] | None = None):
     """Train the given folds; returns their FoldResults. ``on_fold(index, score)`` follows each fold;
     ``open_loggers`` is train_fold's. ``devices``: several train the folds at once, one worker process each
-    (``pipeline.devices``; not with callbacks, which live in this process); one or None: here, in turn."""
+    (``pipeline.training.devices``; not with callbacks, which live in this process); one or None: here, in turn."""
     fold_dirs = [out_dir / f"fold{fold}" if out_dir is not None else None for fold in folds]
     if devices and len(devices) > 1 and on_fold is None and on_epoch is None:
         jobs = [(cfg, backbone, fold, fold_dir, epochs, train_subset, open_loggers)

@@ -2,8 +2,8 @@
 
 Weights (``fit_weights``, Caruana selection), a stacker (cross-fitted logistic regression) and
 per-class offsets are learnt from OOF predictions and then applied unchanged to the test
-predictions. ``run_method`` does both for each named method in ``METHODS``; ``select_best``
-chooses among them on OOF scores. The combiners themselves are ``pipeline.voting``'s.
+predictions. ``run_method`` does both for each named method in ``METHODS``; ``best_of_scores``
+chooses among them on OOF scores. The combiners themselves are ``pipeline.ensembling.voting``'s.
 """
 
 import numpy as np
@@ -11,7 +11,7 @@ from scipy import optimize
 from sklearn.linear_model import LogisticRegression
 
 from pipeline import metrics
-from pipeline.voting import (
+from pipeline.ensembling.voting import (
     EPSILON,
     as_stack,
     check_labels,
@@ -343,7 +343,7 @@ def run_method(name: str, oof_members, y_true, folds, test_members, metric: str)
     return {"oof": vote(stack), "test": vote(test_stack), "weights": None}
 
 
-def select_best(scores: dict, metric: str) -> str:
+def best_of_scores(scores: dict, metric: str) -> str:
     """Name of the best-scoring method under the metric's direction.
 
     Ties go to the method listed first in METHODS, so the simpler one wins.

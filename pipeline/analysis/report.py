@@ -1,14 +1,13 @@
-"""EDA's figures and its Markdown report, drawn from the numbers of ``pipeline.eda_stats``."""
+"""EDA's figures and its Markdown report, drawn from the numbers of ``pipeline.analysis.statistics``."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.eda_stats import SAMPLES_PER_CLASS
+from pipeline.analysis.statistics import SAMPLES_PER_CLASS
 from pipeline.layout import EDA_FIGURES, slug
 
 

@@ -22,8 +22,7 @@ import torch
 
 from pipeline.artifacts import atomic_path
 from pipeline.errors import DataError
-from pipeline.models import Heads, ProbabilityModel, create_model
-
+from pipeline.training.models import Heads, ProbabilityModel, create_model
 
 NUMPY_ARRAY = "__numpy_array__"  # marks a NumPy array stored as a tensor, so that loading gives back an array
 

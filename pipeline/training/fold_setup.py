@@ -2,7 +2,7 @@
 
 Each turns the config (and the fold's data) into the library object that does the work:
 timm's optimizer and scheduler factories and ``Mixup``, torch's ``DataLoader`` with a
-class-balancing ``WeightedRandomSampler``, the losses of ``pipeline.losses``. ``check_choices``
+class-balancing ``WeightedRandomSampler``, the losses of ``pipeline.training.losses``. ``check_choices``
 fails before any work on a name that none of their tables knows.
 """
 
@@ -14,13 +14,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
-from pipeline import distributed, metrics
-from pipeline.augment import BATCH_PRESETS, build_augment
+from pipeline import metrics
 from pipeline.config import Config
+from pipeline.data.images import ImageDataset
 from pipeline.errors import ConfigError
-from pipeline.images import ImageDataset
-from pipeline.losses import build_loss, class_weights, inverse_frequency
-from pipeline.models import Heads, classifier_parameters
+from pipeline.training import distributed
+from pipeline.training.augment import BATCH_PRESETS, build_augment
+from pipeline.training.losses import build_loss, class_weights, inverse_frequency
+from pipeline.training.models import Heads, classifier_parameters
 
 
 def loader_settings(cfg: Config, device: torch.device) -> dict:
@@ -164,9 +165,9 @@ def timm_name(cfg: Config, backbone: str) -> str:
 
 def check_choices(cfg: Config) -> None:
     """Fail before any work on a name that no table knows, listing the valid ones."""
-    from pipeline.augment import PRESETS
-    from pipeline.losses import LOSSES
-    from pipeline.models import check_backbone
+    from pipeline.training.augment import PRESETS
+    from pipeline.training.losses import LOSSES
+    from pipeline.training.models import check_backbone
 
     problems = [f"{key} {value!r} is unknown; valid: {', '.join(valid)}"
                 for key, value, valid in (("metric", cfg.metric, metrics.METRICS),

@@ -26,9 +26,9 @@ from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
-from pipeline import distributed
-from pipeline.engine import resolve_device
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.training import distributed
+from pipeline.training.loop import torch_device
 
 _device: str | None = None  # the device a worker process claimed (None in the main process)
 _threads: list[int] = []  # a worker's torch threads for each job, by the job's place (CPU workers; ``threads_for``)
@@ -42,10 +42,10 @@ def resolve_devices(devices: list[str] | str, runtime_device: str) -> list[str]:
         if devices != "auto" and len(devices) > 1:
             raise ConfigError("train.devices names several devices under torchrun, which gives each process its "
                               "own: leave train.devices=auto with torchrun")
-        return [str(resolve_device(runtime_device))]
+        return [str(torch_device(runtime_device))]
     if devices != "auto":
-        return [str(resolve_device(name)) for name in devices]
-    device = resolve_device(runtime_device)
+        return [str(torch_device(name)) for name in devices]
+    device = torch_device(runtime_device)
     if device.type == "cuda" and device.index is None:
         return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
     if device.type == "cpu":

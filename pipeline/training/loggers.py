@@ -2,7 +2,8 @@
 
 A logger is a small object with ``log(metrics, step)`` and ``close()``. ``open_fold_loggers`` opens the chosen
 ones for one fold of one backbone and returns them as one (``FoldLoggers``); the train stage hands that opener to
-``pipeline.kfold``, whose fold store calls it after every epoch, so the k-fold engine knows no logger by name and
+``pipeline.training.kfold``, whose fold store calls it after every epoch, so the k-fold loop knows no logger by
+name and
 tuning trials log nothing. Each logger writes into its own folder of ``paths.logs`` (``pipeline.layout``):
 
 - ``dvclive``: DVCLive's metrics.json and per-metric TSVs (no DVC experiment is created from here);

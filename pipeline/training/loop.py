@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import distributed
 from pipeline.errors import PipelineError
+from pipeline.training import distributed
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def torch_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError(f"device {name!r} is CUDA but no CUDA device is available; use runtime.device=auto "
                             f"(and train.devices=auto)")

@@ -17,7 +17,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.eda_stats import CHUNK_BYTES, grid_sums
+from pipeline.analysis.statistics import CHUNK_BYTES, grid_sums
 
 THUMBNAIL = 16  # cells per side of the thumbnail features
 # (upper ROC AUC, verdict, advice): the first row whose bound the AUC stays below.

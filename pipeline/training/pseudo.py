@@ -21,16 +21,16 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from pipeline import builders, distributed, layout, provenance
+from pipeline import layout, provenance
 from pipeline.artifacts import write_csv
-from pipeline.checkpoints import load_fold_model
 from pipeline.config import Config
-from pipeline.engine import autocast_dtype, predict_logits, resolve_device
+from pipeline.data.images import Cache
 from pipeline.errors import ConfigError
-from pipeline.fold_store import FoldResult
-from pipeline.images import Cache
-from pipeline.kfold import TrainingData, settings_key, train_fold
-from pipeline.models import Heads
+from pipeline.training import distributed, fold_setup
+from pipeline.training.checkpoints import load_fold_model
+from pipeline.training.kfold import FoldResult, TrainingData, settings_key, train_fold
+from pipeline.training.loop import autocast_dtype, predict_logits, torch_device
+from pipeline.training.models import Heads
 
 PSEUDO_FOLD = -1  # the fold number of pseudo-labelled rows: trained on by every fold, validated by none
 
@@ -60,7 +60,8 @@ def with_pseudo_rows(data: TrainingData, images: np.ndarray, ids: np.ndarray, cl
 def pseudo_key(round1_key: str, threshold: float) -> str:
     """Round two's settings key of a fold: round one's (the settings, images, folds and code of the model that made
     the labels), the threshold, and this module's code."""
-    digest = hashlib.sha256(f"{threshold!r}\0{provenance.code_digest('pseudo')}".encode()).hexdigest()[:8]
+    code = provenance.training_code_digest("training.pseudo")
+    digest = hashlib.sha256(f"{threshold!r}\0{code}".encode()).hexdigest()[:8]
     return f"{round1_key}-pseudo-{digest}"
 
 
@@ -72,9 +73,9 @@ def check_pseudo(cfg: Config) -> None:
 
 def test_probabilities(cfg: Config, checkpoint, cache: Cache) -> np.ndarray:
     """A fold model's class probabilities of every test image (one plain pass)."""
-    device = resolve_device(cfg.runtime.device)
+    device = torch_device(cfg.runtime.device)
     model, _ = load_fold_model(checkpoint, cache.class_names, device)
-    loader = builders.make_eval_loader(cfg, cache.images("test"), np.arange(len(cache.table("test"))), device,
+    loader = fold_setup.make_eval_loader(cfg, cache.images("test"), np.arange(len(cache.table("test"))), device,
                                        cfg.runtime.eval_batch_size)
     proba = predict_logits(model, loader, device, amp=autocast_dtype(cfg.runtime.amp, device), desc="pseudo-labels")
     return proba.numpy().astype(np.float64)

@@ -1,7 +1,8 @@
 """Choosing an ensembling method on OOF, and the honest score of that choice. Pure functions.
 
-Every method's OOF in ``pipeline.blending`` is cross-fitted, so each score alone is honest; but ``ensemble.method:
-auto`` then takes the best of several on those same rows, and the best of several noisy scores is optimistic.
+Every method's OOF in ``pipeline.ensembling.blending`` is cross-fitted, so each score alone is honest; but
+``ensemble.method: auto`` then takes the best of several on those same rows, and the best of several noisy scores
+is optimistic.
 ``nested_choice`` scores the whole procedure the way a hidden test would: each fold is predicted by the method
 chosen, and fit, on the other folds alone (their own cross-fitted OOF decides), exactly as the test is predicted by
 the method chosen and fit on every OOF row. With class offsets each candidate is shifted before the choice, as in
@@ -10,8 +11,9 @@ the stage.
 
 import numpy as np
 
-from pipeline import blending, metrics
-from pipeline.voting import as_stack, check_labels
+from pipeline import metrics
+from pipeline.ensembling import blending
+from pipeline.ensembling.voting import as_stack, check_labels
 
 # Nesting needs two folds inside each outer fold's rest to cross-fit on.
 MIN_FOLDS = 3
@@ -35,9 +37,10 @@ def candidates(names: list[str], oof_members, y_true, folds, test_members, metri
     return results
 
 
-def choose_best(results: dict[str, dict], y_true, metric: str) -> str:
-    """The method whose (cross-fitted) OOF scores best; ties to the simpler one (``blending.select_best``)."""
-    return blending.select_best({name: metrics.score(metric, y_true, r["oof"]) for name, r in results.items()}, metric)
+def best_method_on_oof(results: dict[str, dict], y_true, metric: str) -> str:
+    """The method whose (cross-fitted) OOF scores best; ties to the simpler one (``blending.best_of_scores``)."""
+    scores = {name: metrics.score(metric, y_true, result["oof"]) for name, result in results.items()}
+    return blending.best_of_scores(scores, metric)
 
 
 def nested_choice(names: list[str], oof_members, y_true, folds, metric: str,
@@ -57,6 +60,6 @@ def nested_choice(names: list[str], oof_members, y_true, folds, metric: str,
         held = folds == fold
         inner = candidates(names, stack[:, ~held], y_true[~held], folds[~held], stack[:, held], metric,
                            class_offsets)
-        best = choose_best(inner, y_true[~held], metric)
+        best = best_method_on_oof(inner, y_true[~held], metric)
         result[held], chosen[fold.item()] = inner[best]["test"], best
     return result, chosen

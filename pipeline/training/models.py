@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pipeline import weights
-from pipeline.formula import eval_formula
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.formula import eval_formula
+from pipeline.training import weights
 
 
 @dataclass

@@ -20,12 +20,11 @@ from threadpoolctl import threadpool_limits
 
 from pipeline import layout, metrics
 from pipeline.artifacts import probability_table, write_json, write_parquet
-from pipeline.competition import encode_labels
 from pipeline.config import Config
+from pipeline.data.competition import encode_labels
+from pipeline.data.images import Cache
+from pipeline.data.stage_tables import read_folds
 from pipeline.errors import DataError
-from pipeline.images import Cache
-from pipeline.tables import read_folds
-from pipeline.voting import normalise_rows
 
 
 def training_rows(cfg: Config, cache: Cache):
@@ -41,7 +40,7 @@ def training_rows(cfg: Config, cache: Cache):
     return folds["id"].to_numpy(), labels, folds["fold"].to_numpy(), np.array([row_of[i] for i in folds["id"]])
 
 
-def class_weights(labels: np.ndarray, n_classes: int, power: float) -> dict[int, float]:
+def balanced_class_weights(labels: np.ndarray, n_classes: int, power: float) -> dict[int, float]:
     """Weight count**-power per class present, scaled so that the mean weight over ``labels`` is 1."""
     counts = np.bincount(labels, minlength=n_classes).astype(float)
     present = counts > 0
@@ -57,13 +56,13 @@ def fit_predict(x_train, y_train, x_predict: list[np.ndarray], n_classes: int, i
     ``x_predict``; a class absent from the training rows keeps probability 0."""
     scaler = StandardScaler().fit(x_train)
     model = LogisticRegression(C=inverse_regularisation, max_iter=3000,
-                               class_weight=class_weights(y_train, n_classes, balance_power))
+                               class_weight=balanced_class_weights(y_train, n_classes, balance_power))
     model.fit(scaler.transform(x_train), y_train)
     predictions = []
     for x in x_predict:
         proba = np.zeros((len(x), n_classes))
         proba[:, model.classes_] = model.predict_proba(scaler.transform(x))
-        predictions.append(normalise_rows(proba))  # float32 features give float32 sums: 1 +- 1e-7
+        predictions.append(proba / proba.sum(axis=1, keepdims=True))  # float32 features sum to 1 +- 1e-7 only
     return predictions
 
 
@@ -93,7 +92,7 @@ def cross_fit_folds(fold_features: Callable, labels, folds, n_classes: int, inve
     return oof, test, [(int(fold), np.flatnonzero(valid)) for fold, valid in zip(fold_names, valid_rows)]
 
 
-def cross_fit(x, labels, folds, x_test, n_classes: int, inverse_regularisation: float, balance_power: float):
+def cross_fit_logistic(x, labels, folds, x_test, n_classes: int, inverse_regularisation: float, balance_power: float):
     """:func:`cross_fit_folds` on features that are the same for every fold."""
     return cross_fit_folds(lambda valid: (x, x_test), labels, folds, n_classes, inverse_regularisation,
                            balance_power)

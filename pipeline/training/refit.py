@@ -14,13 +14,13 @@ import sys
 
 import numpy as np
 
-from pipeline import distributed, layout, provenance
+from pipeline import layout, provenance
 from pipeline.artifacts import write_json
 from pipeline.config import Config
-from pipeline.engine import autocast_dtype, resolve_device, seed_everything
-from pipeline.builders import timm_name
-from pipeline.fold_store import FoldResult, FoldStore
-from pipeline.kfold import TrainingData, build_fold, run_epoch, settings_key
+from pipeline.training import distributed
+from pipeline.training.fold_setup import timm_name
+from pipeline.training.kfold import FoldResult, FoldStore, TrainingData, build_fold, run_epoch, settings_key
+from pipeline.training.loop import autocast_dtype, torch_device, seed_everything
 
 REFIT_FOLD = -1  # the fold number its seeds and settings key use
 
@@ -43,7 +43,7 @@ def train_refit(cfg: Config, backbone: str, data: TrainingData, epochs: int) -> 
     if done.exists() and json.loads(done.read_text()).get("key") == store.key:
         print(f"{label}: already trained ({epochs} epochs), skipped", file=sys.stderr)
         return json.loads(done.read_text())
-    device = resolve_device(cfg.runtime.device)
+    device = torch_device(cfg.runtime.device)
     amp = autocast_dtype(cfg.runtime.amp, device)
     seed_everything(cfg.train.seed + 1000 * REFIT_FOLD)
     rows = np.arange(len(data.ids))

@@ -1,9 +1,9 @@
 """Loading a config: a YAML file plus dotted overrides, merged, validated, and explained when wrong.
 
-The machinery behind ``pipeline.config.load_config`` (which re-exports these names), written for any
-pydantic model so that it needs nothing from ``pipeline.config``: parsing ``train.lr=3e-4`` overrides,
-merging them into the file, turning pydantic's errors into one ``ConfigError`` that names each bad key
-and the valid keys beside it, the per-backbone override checks, and the ``--dump`` command line.
+Parsing ``train.lr=3e-4`` overrides as YAML, merging them into the file, turning pydantic's errors into one
+``ConfigError`` that names each bad key (and whether the file or the command line set it) with the valid keys
+beside it, the ``--dump``/``--write`` command line (``python -m pipeline.config``), and masking a database
+password wherever a config is shown.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.artifacts import atomic_path
+from pipeline.config.sections import Config
 from pipeline.errors import ConfigError
 
 
@@ -123,41 +124,6 @@ def dump(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json", exclude_none=False), sort_keys=False)
 
 
-def backbone_mapping(value):
-    """``backbones`` as given (a list of names or a mapping) -> name -> its train overrides ({} for none)."""
-    if isinstance(value, list):
-        names = [str(v) for v in value]
-        if len(set(names)) != len(names):
-            raise ValueError("a backbone is listed twice")
-        value = {name: {} for name in names}
-    if not value:
-        raise ValueError("list at least one timm backbone")
-    if isinstance(value, dict):
-        value = {name: overrides or {} for name, overrides in value.items()}
-        # DVC reads `backbones.convnext_tiny.fb_in22k` (a per-backbone stage's params) as nested keys: a name with
-        # a dot gets a key without one, and the timm name moves into its `model` override.
-        value = {name.replace(".", "_"): ({"model": name} | overrides) if "." in name else overrides
-                 for name, overrides in value.items()}
-    return value
-
-
-def check_backbone_overrides(backbones: dict[str, dict], train: BaseModel) -> None:
-    """Each backbone's overrides name only keys of ``train``'s model and give them valid values (ValueError)."""
-    model = type(train)
-    for name, overrides in backbones.items():
-        unknown = [key for key in overrides if key not in model.model_fields]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], list(model.model_fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"backbones.{name} sets unknown train key(s) {unknown}{hint} "
-                             f"(valid: {', '.join(model.model_fields)})")
-        try:
-            model.model_validate({**train.model_dump(), **overrides})
-        except ValidationError as error:
-            first = error.errors()[0]
-            raise ValueError(f"backbones.{name}.{first['loc'][0]}: {first['msg']}") from None
-
-
 def run_cli(load: Callable[..., BaseModel], argv: list[str] | None = None) -> None:
     """``python -m pipeline.config``: validate a config and print it resolved (``--dump``: the defaults).
 
@@ -182,3 +148,15 @@ def run_cli(load: Callable[..., BaseModel], argv: list[str] | None = None) -> No
         Path(temporary).write_text(dump(config))
     print(f"wrote {args.write}: {'the defaults' if args.dump else args.config} "
           f"{' '.join(args.overrides)}".rstrip(), file=sys.stderr)
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | tuple = ()) -> Config:
+    """Read a YAML config (None: the defaults), apply dotted overrides, validate."""
+    return load_model(Config, path, overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Validate a config and print it resolved; ``--dump`` prints the defaults (params.yaml)."""
+    run_cli(load_config, argv)
+
+
