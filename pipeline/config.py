@@ -72,12 +72,15 @@ class Paths(Section):
 class Data(Section):
     """The competition folder and how its images become tensors."""
 
-    source: Literal["elpv", "folder"] = "elpv"
-    """`elpv` builds the embedded competition from the elpv-dataset package; `folder` reads `data.dir`."""
+    source: Literal["elpv", "folder", "kaggle"] = "elpv"
+    """`elpv` builds the embedded competition from the elpv-dataset package; `folder` reads `data.dir`; `kaggle`
+    downloads `data.competition` with the kaggle CLI into `<paths.competition>/<name>/` (once) and reads it."""
     layout: Literal["csv", "subfolders", "mask"] = "csv"
     """How labels are given: train.csv (`csv`), `train/<class>/` folders (`subfolders`), the mask competition."""
     dir: str | None = None
     """The competition folder (required with `data.source: folder`)."""
+    competition: str | None = None
+    """The Kaggle competition to download, its name in its URL (required with `data.source: kaggle`)."""
     train_csv: str = "train.csv"
     """The training table inside the competition folder."""
     train_images: str = "train"
@@ -138,6 +141,8 @@ class Data(Section):
     def _folder_needs_dir(self):
         if self.source == "folder" and not self.dir:
             raise ValueError("data.dir is required when data.source is 'folder'")
+        if self.source == "kaggle" and not self.competition:
+            raise ValueError("data.competition is required when data.source is 'kaggle' (its name in its URL)")
         if self.compose and not self.head_cols:
             raise ValueError("data.compose needs data.head_cols (the columns it is composed from)")
         return self

@@ -166,4 +166,9 @@ class Submit(Section):
     competition: str | None = None
     """The Kaggle competition to upload to."""
     message: str = "pipeline submission"
-    """The Kaggle submission message."""
+    """The Kaggle submission message (the CV, the commit and the config digest are appended)."""
+    code_competition: bool = False
+    """The competition scores a notebook: `upload` pushes the package of `python -m pipeline.kaggle_package` (a
+    dataset of the models and a kernel that predicts offline) instead of sending the CSV."""
+    kaggle_user: str | None = None
+    """The Kaggle user who owns the package's dataset and kernel (required by `kaggle_package`)."""
