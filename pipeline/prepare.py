@@ -199,8 +199,7 @@ def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, de
 
 
 def main(cfg: Config) -> dict:
-    if cfg.data.source == "kaggle":
-        cfg = kaggle.as_folder_competition(cfg)  # downloaded once, then read as the folder it is
+    cfg = kaggle.as_folder_competition(cfg) if cfg.data.source == "kaggle" else cfg  # downloaded once, then a folder
     competition = read_competition(cfg)
     cache_dir = layout.cache_dir(cfg)
     current, stamp = cache_is_current(cfg, competition)

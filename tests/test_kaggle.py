@@ -1,4 +1,5 @@
-"""The kaggle CLI wrapper against a fake ``kaggle`` on PATH: download, login failures, tokens kept out, scores read back."""
+"""The kaggle CLI wrapper against a fake ``kaggle`` on PATH: download, login failures, tokens kept out, scores
+read back."""
 
 from __future__ import annotations
 
@@ -107,8 +108,8 @@ def test_kaggles_scores_land_in_the_matching_rows_and_the_plot(tmp_path, monkeyp
                       "elsewhere.csv,2026-01-01,not ours,complete,0.99,\n")
     fake_kaggle.install(tmp_path, monkeypatch, FAKE_KAGGLE_SUBMISSIONS=str(scores))
     cfg = make_config(tmp_path / "work", "submit.competition=some-comp")
-    board = pd.DataFrame({"time": ["t1", "t2", "t3"], "file": ["a.csv", "b.csv", "c.csv"], "cv": ["0.65", "0.70", "0.8"],
-                          "public": ["", "", "0.75"]})
+    board = pd.DataFrame({"time": ["t1", "t2", "t3"], "file": ["a.csv", "b.csv", "c.csv"],
+                          "cv": ["0.65", "0.70", "0.8"], "public": ["", "", "0.75"]})
     path = layout.leaderboard_file(cfg)
     path.parent.mkdir(parents=True)
     board.to_csv(path, index=False)
