@@ -86,7 +86,10 @@ def run(args: list[str], what: str, timeout: int = 600) -> str:
     if result.returncode != 0:
         if AUTH_FAILURE.search(output):
             raise PipelineError(f"{what}: the kaggle CLI could not log in ({output[-300:]}). To fix it, {LOGIN_HELP}")
-        raise PipelineError(f"{what}: `kaggle {' '.join(args[:2])}` failed (exit {result.returncode}): {output[-800:]}")
+        hint = (" (a 403 from a competition: accept its rules on its kaggle.com page first)"
+                if re.search(r"\b403\b", output) else "")
+        raise PipelineError(f"{what}: `kaggle {' '.join(args[:2])}` failed (exit {result.returncode}): "
+                            f"{output[-800:]}{hint}")
     return redact(result.stdout or "")
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,7 +15,7 @@ from conftest import ROOT, make_config, make_csv_competition
 
 import fake_kaggle
 from pipeline import kaggle, layout, prepare
-from pipeline.errors import DataError, PipelineError
+from pipeline.errors import ConfigError, DataError, PipelineError
 
 TOKEN = "KGAT_0123456789abcdefSECRET"
 
@@ -35,6 +36,11 @@ def test_a_kaggle_competition_is_downloaded_once_and_read_as_a_folder(tmp_path, 
     assert fake_kaggle.calls(calls)[0][:4] == ["competitions", "download", "-c", "tiny-comp"]
     prepare.main(cfg)  # the second run reads the folder it has: no second download
     assert len(fake_kaggle.calls(calls)) == 1
+
+
+def test_a_kaggle_source_needs_its_competition():
+    with pytest.raises(ConfigError, match="data.competition is required"):
+        make_config(Path("work"), "data.source=kaggle")
 
 
 def test_the_competitions_own_names_are_inferred_and_what_is_not_is_named(tmp_path, monkeypatch):
@@ -105,18 +111,21 @@ def test_kaggles_scores_land_in_the_matching_rows_and_the_plot(tmp_path, monkeyp
                       "b.csv,2026-01-02,second,complete,0.71,\n"
                       "a.csv,2026-01-01,first,complete,0.62,0.60\n"
                       "b.csv,2026-01-01,older upload of b,complete,0.10,\n"
-                      "elsewhere.csv,2026-01-01,not ours,complete,0.99,\n")
-    fake_kaggle.install(tmp_path, monkeypatch, FAKE_KAGGLE_SUBMISSIONS=str(scores))
+                      "elsewhere.csv,2026-01-01,not ours,complete,0.99,\n"
+                      f"c.csv,2026-01-03,third,error {TOKEN},,\n")  # whatever Kaggle prints may hold a token
+    fake_kaggle.install(tmp_path, monkeypatch, FAKE_KAGGLE_SUBMISSIONS=str(scores), KAGGLE_API_TOKEN=TOKEN)
     cfg = make_config(tmp_path / "work", "submit.competition=some-comp")
     board = pd.DataFrame({"time": ["t1", "t2", "t3"], "file": ["a.csv", "b.csv", "c.csv"],
                           "cv": ["0.65", "0.70", "0.8"], "public": ["", "", "0.75"]})
     path = layout.leaderboard_file(cfg)
     path.parent.mkdir(parents=True)
     board.to_csv(path, index=False)
-    assert kaggle.main(cfg) == {"matched": 2, "rows": 3}
+    assert kaggle.main(cfg) == {"matched": 3, "rows": 3}
     written = pd.read_csv(path, dtype=str, keep_default_na=False)
-    assert written["lb_public"].tolist() == ["0.62", "0.71", ""]  # b.csv: its newest row; c.csv: never uploaded
+    assert written["lb_public"].tolist() == ["0.62", "0.71", ""]  # b.csv: its newest row; c.csv: not scored
     assert written["lb_private"].tolist() == ["0.6", "", ""]
+    assert written["lb_status"].tolist() == ["complete", "complete", "error [redacted]"]
+    assert TOKEN not in path.read_text()
     table = pd.read_csv(layout.cv_lb_table(cfg))
     assert table[["cv", "lb_public", "local_public"]].fillna(-1).values.tolist() == [
         [0.65, 0.62, -1], [0.70, 0.71, -1], [0.8, -1, 0.75]]
