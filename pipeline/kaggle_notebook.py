@@ -9,9 +9,10 @@ It needs torch, timm, pandas and numpy (and Pillow, which timm brings): the proj
 are vendored in the dataset's ``code/`` folder and imported from there, and only the modules that need nothing more
 are imported (no config, no scikit-learn, no scipy, no albumentations). Each backbone's folds predict the test
 images with the TTA views infer used, averaged and merged as infer merges them (a full-data refit blended in as
-infer blends it); the members are combined by the method and weights the ensemble stage chose; ``submission.csv``
-has the sample submission's shape, as the submit stage writes it, and ensemble_probabilities.csv the combined
-probabilities (the ensemble stage's test.parquet, for a check).
+infer blends it); the members are combined by the method, weights and class offsets the ensemble stage chose (any
+method but stacking, which ``kaggle_package`` refuses); ``submission.csv`` has the sample submission's shape, as the
+submit stage writes it, and ensemble_probabilities.csv the combined probabilities (the ensemble stage's
+test.parquet, for a check).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def test_paths(ids: list[str], folder: Path) -> list[Path]:
     return [index[i] for i in ids]
 
 
-def combine(ensemble: dict, members: list[str], stack):
+def combine(ensemble: dict, members: list[str], class_names: list[str], stack):
     """The members' test probabilities (M x N x C) combined as the ensemble stage chose (``weights.json``)."""
     import numpy as np
 
@@ -81,7 +82,7 @@ def combine(ensemble: dict, members: list[str], stack):
         proba = {"hard": voting.hard_vote, "geometric": voting.geometric_mean, "rank": voting.rank_average}[base](stack)
     offsets = ensemble.get("class_offsets")
     if offsets:
-        proba = blending.apply_class_offsets(proba, np.array(list(offsets.values()), dtype=float))
+        proba = blending.apply_class_offsets(proba, np.array([offsets[name] for name in class_names], dtype=float))
     return proba
 
 
@@ -129,8 +130,8 @@ def predict(dataset: Path, competition: Path, output: Path) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     members = manifest["ensemble"]["members"]
     stack = np.stack([member_proba(dataset, manifest["members"][name], manifest, images, device) for name in members])
-    proba = combine(manifest["ensemble"], members, stack)
     class_names = manifest["class_names"]
+    proba = combine(manifest["ensemble"], members, class_names, stack)
     if manifest["kind"] == "label":
         sample[manifest["target_col"]] = [class_names[i] for i in predict_labels(proba)]
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import site
 import subprocess
 import sys
@@ -104,8 +105,9 @@ def test_the_package_is_in_the_kaggle_clis_formats(packaged):
     assert (dataset / "code" / "ttach" / "__init__.py").is_file()
 
 
-@pytest.mark.slow
-def test_the_kernel_offline_writes_the_pipelines_own_submission(packaged, tmp_path):
+def check_the_kernel_offline(packaged, tmp_path):
+    """Run the packaged kernel in the bare interpreter; its submission must be the submit stage's, its probabilities
+    the ensemble stage's."""
     bare_site = kaggle_image_site(tmp_path / "site")
     (tmp_path / "guard.py").write_text(GUARD)
     package = layout.kaggle_package_dir(packaged)
@@ -126,6 +128,24 @@ def test_the_kernel_offline_writes_the_pipelines_own_submission(packaged, tmp_pa
     expected = pd.read_parquet(layout.ensemble_dir(packaged) / layout.ENSEMBLE_TEST).set_index("id")
     expected = expected.loc[probabilities["id"], list(probabilities.columns[1:])]
     np.testing.assert_allclose(probabilities.iloc[:, 1:].to_numpy(), expected.to_numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_kernel_offline_writes_the_pipelines_own_submission(packaged, tmp_path):
+    check_the_kernel_offline(packaged, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rank", "geometric", "hard"])
+def test_the_kernel_combines_as_the_ensemble_chose(packaged, tmp_path, method):
+    """The same folds ensembled another way (with class offsets), submitted and packaged again in a copy."""
+    shutil.copytree(packaged.paths.work_dir, tmp_path / "work")
+    cfg = make_config(tmp_path / "work", *SETTINGS, f"ensemble.method={method}", "ensemble.class_offsets=true")
+    for stage in (ensemble, submit, kaggle_package):
+        stage.main(cfg)
+    manifest = json.loads((layout.kaggle_package_dir(cfg) / "dataset" / "pipeline-package.json").read_text())
+    assert manifest["ensemble"]["method"] == f"{method}+offsets" and manifest["ensemble"]["class_offsets"]
+    check_the_kernel_offline(cfg, tmp_path)
 
 
 def test_what_a_kernel_cannot_run_is_refused_with_the_key(tmp_path):
