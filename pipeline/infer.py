@@ -19,108 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline import cli, layout, metrics
 from pipeline.artifacts import probability_table, write_csv, write_parquet
 from pipeline.config import Config
 from pipeline.data.competition import encode_labels
-from pipeline.data.images import Cache, ImageDataset
+from pipeline.data.images import Cache
 from pipeline.data.stage_tables import read_folds
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import DataError
 from pipeline.training.checkpoints import load_fold_model
 from pipeline.training.devices import resolve_devices, run_on_devices
-from pipeline.training.kfold import load_training_data, settings_key, tuned_config
-from pipeline.training.loop import autocast, autocast_dtype, torch_device, to_device
-from pipeline.training.models import ProbabilityModel
-from pipeline.training.pseudo import pseudo_key
+from pipeline.training.kfold import load_training_data, tuned_config
+from pipeline.training.loop import autocast_dtype, torch_device
+from pipeline.training.pseudo import trained_folds
 from pipeline.training.refit import check_refit
-
-
-def tta_transforms(names: list[str], size_hw: tuple[int, int]):
-    """A ttach Compose from config names; its views are the product of the transforms' settings."""
-    import ttach
-
-    square = size_hw[0] == size_hw[1]
-    table = {
-        "hflip": ttach.HorizontalFlip,
-        "vflip": ttach.VerticalFlip,
-        # A quarter turn of a rectangle swaps its sides, so rectangles only get the half turn.
-        "rotate90": lambda: ttach.Rotate90(angles=[0, 90, 180, 270] if square else [0, 180]),
-        "multiscale": lambda: ttach.Scale(scales=[0.875, 1.0, 1.125], interpolation="bilinear", align_corners=False),
-        "brightness": lambda: ttach.Multiply(factors=[0.9, 1.0, 1.1]),
-    }
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        raise ConfigError(f"infer.tta has unknown transform(s) {unknown}; valid: {', '.join(table)}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"infer.tta lists a transform twice: {names}")
-    return ttach.Compose([table[n]() for n in names]) if names else None
-
-
-def view_names(compose, tta: list[str]) -> list[str]:
-    """A readable name per view, e.g. ``hflip+rotate90=180``; the identity view is ``plain``."""
-    if compose is None:
-        return ["plain"]
-    names = []
-    for params in compose.aug_transform_parameters:
-        parts = [name if isinstance(p, bool) else f"{name}={p}"
-                 for name, t, p in zip(tta, compose.aug_transforms, params) if p != t.identity_param]
-        names.append("+".join(parts) or "plain")
-    return names
-
-
-@torch.no_grad()
-def predict_views(model: ProbabilityModel, images: np.ndarray, indices: np.ndarray, compose, device,
-                  batch_size: int, amp=None, channels_last: bool = False, desc: str = "tta") -> np.ndarray:
-    """Probabilities of every view: V x N x C. Each batch is moved to the device once and every view
-    is computed there, so k views cost k forward passes and one transfer."""
-    from tqdm import tqdm
-
-    model.eval()
-    loader = torch.utils.data.DataLoader(ImageDataset(images, indices), batch_size=batch_size, shuffle=False,
-                                         pin_memory=device.type == "cuda")
-    outputs = []
-    for batch in tqdm(loader, desc=desc, leave=False, file=sys.stderr, mininterval=1.0, disable=None):
-        x = to_device(batch, device, channels_last).float()
-        views = [x] if compose is None else [t.augment_image(x) for t in compose]
-        with autocast(device, amp):
-            outputs.append(torch.stack([model(v).float() for v in views]).cpu())
-    return torch.cat(outputs, dim=1).numpy().astype(np.float64)
-
-
-def merge_views(view_proba: np.ndarray, mode: str) -> np.ndarray:
-    """V x N x C probabilities -> N x C, by arithmetic or geometric mean; rows sum to 1."""
-    if mode == "gmean":
-        merged = np.exp(np.log(np.clip(view_proba, 1e-12, 1.0)).mean(axis=0))
-    else:
-        merged = view_proba.mean(axis=0)
-    return merged / merged.sum(axis=1, keepdims=True)
-
-
-def trained_folds(cfg: Config, backbone: str) -> list[tuple[int, Path, str]]:
-    """(fold, folder, the settings key its checkpoint must carry) of each trained fold of the current folds: round
-    two's (``models/<backbone>/pseudo``) when ``train.pseudo_label``, else the folds' own.
-
-    A fold folder that the current folds.csv does not have (``folds.n_splits`` lowered) is refused: its
-    model was trained on other folds and must not be averaged into the test predictions.
-    """
-    tuned = tuned_config(cfg, backbone)
-    data = load_training_data(tuned)
-    current = set(np.unique(data.folds).tolist())
-    round_two = tuned.train.pseudo_label
-    model_dir = layout.pseudo_dir(cfg, backbone) if round_two else layout.model_dir(cfg, backbone)
-    found = {int(p.name[4:]): p for p in model_dir.glob("fold*") if p.name[4:].isdigit()}
-    stale = sorted(set(found) - current)
-    if stale:
-        raise DataError(f"{model_dir} holds fold(s) {stale} that {layout.folds_file(cfg)} does not have (were the "
-                        f"folds changed?): re-run train for {backbone}, which removes them")
-    if not found:
-        raise DataError(f"no trained folds in {model_dir}: run train for {backbone} first")
-    keys = {fold: settings_key(tuned, backbone, data, fold) for fold in found}
-    if round_two:
-        keys = {fold: pseudo_key(key, tuned.train.pseudo_threshold) for fold, key in keys.items()}
-    return [(fold, folder, keys[fold]) for fold, folder in sorted(found.items())]
+from pipeline.training.tta import merge_views, predict_views, tta_transforms, view_names
 
 
 def inference_device(cfg: Config, name: str | None = None):

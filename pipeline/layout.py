@@ -88,6 +88,11 @@ def competition_dir(cfg: Config) -> Path:
     return _under(cfg, "competition")
 
 
+def kaggle_competition_dir(cfg: Config) -> Path:
+    """Where ``data.source: kaggle`` unzips ``data.competition``: ``<paths.competition>/<name>/``."""
+    return competition_dir(cfg) / slug(cfg.data.competition or "")
+
+
 def cache_dir(cfg: Config) -> Path:
     return _under(cfg, "cache")
 
@@ -272,6 +277,20 @@ def submission_metrics_file(cfg: Config) -> Path:
     return metrics_dir(cfg) / SUBMISSION_SCORES
 
 
+def cv_lb_table(cfg: Config) -> Path:
+    """Every submission's CV beside its Public leaderboard score: a DVC plot (submit and ``pipeline.kaggle``)."""
+    return metrics_dir(cfg) / "cv_vs_lb.csv"
+
+
+def cv_lb_figure(cfg: Config) -> Path:
+    return metrics_dir(cfg) / "cv_vs_lb.png"
+
+
+def kaggle_package_dir(cfg: Config) -> Path:
+    """The code-competition package (``pipeline.kaggle_package``): ``dataset/`` and ``kernel/``, for the kaggle CLI."""
+    return work_dir(cfg) / "kaggle"
+
+
 # ---------------------------------------------------------------- what each stage reads and writes (dvc.yaml's)
 
 def stage_inputs(cfg: Config, stage: str, backbone: str | None = None) -> list[Path]:
@@ -309,6 +328,6 @@ def stage_outputs(cfg: Config, stage: str, backbone: str | None = None) -> list[
         "ensemble": lambda: [*(ensemble / name for name in (ENSEMBLE_OOF, ENSEMBLE_TEST, ENSEMBLE_WEIGHTS,
                                                             ENSEMBLE_REPORT, ENSEMBLE_TABLE, ENSEMBLE_CORRELATION)),
                              ensemble_scores_file(cfg)],
-        "submit": lambda: [submissions_dir(cfg), submission_metrics_file(cfg)],
+        "submit": lambda: [submissions_dir(cfg), submission_metrics_file(cfg), cv_lb_table(cfg), cv_lb_figure(cfg)],
     }
     return table[stage]()

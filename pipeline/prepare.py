@@ -1,7 +1,8 @@
 """Stage prepare: check the competition folder, decode every image once into a uint8 cache.
 
 Reads:  the competition folder (``data.*``; with ``data.source: elpv`` it is first built
-        from the elpv-dataset package under ``paths.competition``).
+        from the elpv-dataset package under ``paths.competition``; with ``data.source: kaggle`` it is first
+        downloaded by the kaggle CLI into ``paths.competition``/<data.competition>/, once: ``pipeline.kaggle``).
 Writes: ``paths.cache``/ train.npy, test.npy (N x H x W x C uint8, memory-mappable),
         train.parquet, test.parquet (row order of the arrays), meta.json (classes, heads,
         per-channel mean/std, what the cache was built from), stats.json.
@@ -33,7 +34,7 @@ from multiprocessing import active_children, get_context
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import cli, layout
+from pipeline import cli, kaggle, layout
 from pipeline.artifacts import atomic_dir, write_json
 from pipeline.config import Config
 from pipeline.data.competition import Competition, read_competition
@@ -198,6 +199,7 @@ def decode_split(paths: list, size_hw, channels: int, out_path, workers: int, de
 
 
 def main(cfg: Config) -> dict:
+    cfg = kaggle.as_folder_competition(cfg) if cfg.data.source == "kaggle" else cfg  # downloaded once, then a folder
     competition = read_competition(cfg)
     cache_dir = layout.cache_dir(cfg)
     current, stamp = cache_is_current(cfg, competition)

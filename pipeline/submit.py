@@ -15,14 +15,13 @@ in its row order, other columns untouched; the target column holds the argmax cl
 (``submit.kind: label``) or each class column its probability (``submit.kind: proba``). It is
 validated before anything is written. Where solution.csv exists, the file is scored the way
 Kaggle scores it: ``metric`` on the Public rows and on the Private rows, printed beside
-the CV so a CV/leaderboard gap shows at once. ``submit.upload`` then sends it with the kaggle CLI.
+the CV so a CV/leaderboard gap shows at once. ``submit.upload`` then sends it with the kaggle CLI
+(``pipeline.kaggle``; a code competition's package instead) and reads Kaggle's scores back into leaderboard.csv;
+``paths.metrics``/cv_vs_lb.csv and .png draw every submission's CV against its Public score.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import cli, layout, metrics, provenance
+from pipeline import cli, kaggle, layout, metrics, provenance
 from pipeline.artifacts import read_json, read_table, read_text_csv, write_csv, write_json
 from pipeline.config import Config
 from pipeline.data.competition import encode_labels
 from pipeline.data.images import Cache
 from pipeline.data.stage_tables import check_same_ids, describe_ids
-from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.errors import ConfigError, DataError
 from pipeline.layout import slug
 
 # ---------------------------------------------------------------- building and checking the CSV
@@ -186,14 +185,6 @@ def append_leaderboard(path: Path, row: dict) -> pd.DataFrame:
     return board
 
 
-def credentials_found() -> bool:
-    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
-        return True
-    folders = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else []
-    folders += [Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"]
-    return any((folder / "kaggle.json").is_file() for folder in folders)
-
-
 def upload_message(message: str, row: dict) -> str:
     """The Kaggle submission message: ``submit.message``, then the leaderboard row's method, CV and provenance."""
     parts = [message, f"{row['method']} cv {row['cv']:.4f}", f"commit {row['commit'] or 'none'}"]
@@ -203,29 +194,24 @@ def upload_message(message: str, row: dict) -> str:
 
 
 def upload(cfg: Config, path: Path, message: str) -> None:
-    """``kaggle competitions submit ... -m message``; anything missing is one PipelineError listing what and how."""
-    missing = []
-    if shutil.which("kaggle") is None:
-        missing.append("the kaggle command-line tool is not on PATH (pip install kaggle)")
-    if not credentials_found():
-        missing.append("Kaggle API credentials: save kaggle.json (kaggle.com > Settings > API > Create New Token) "
-                       "as ~/.kaggle/kaggle.json with chmod 600, or set KAGGLE_USERNAME and KAGGLE_KEY")
+    """Send the submission with the kaggle CLI (``kaggle competitions submit -c ... -f ... -m message``), or on a
+    code competition push the package ``pipeline.kaggle_package`` wrote; then read Kaggle's scores back into the
+    leaderboard. A missing CLI or login is one PipelineError (``pipeline.kaggle.run``) naming what and how."""
     if not cfg.submit.competition:
-        missing.append("submit.competition is not set (the competition's name in its URL, e.g. "
-                       "submit.competition=titanic)")
-    if missing:
-        raise PipelineError("submit.upload is on but cannot upload: " + "; ".join(missing)
-                            + f". The local submission is written: {path}")
-    command = ["kaggle", "competitions", "submit", "-c", cfg.submit.competition, "-f", str(path),
-               "-m", message]
-    try:
-        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        raise PipelineError(f"kaggle upload timed out after 600 s; the local submission is {path}") from None
-    if result.returncode != 0:
-        raise PipelineError(f"kaggle upload failed (exit {result.returncode}): "
-                            f"{(result.stderr or result.stdout).strip()[-800:]}; the local submission is {path}")
-    print(f"submit: uploaded to {cfg.submit.competition}: {result.stdout.strip()}", file=sys.stderr)
+        raise ConfigError(f"submit.upload is on but submit.competition is not set (the competition's name in its "
+                          f"URL, e.g. submit.competition=titanic). The local submission is written: {path}")
+    where = f"submit.upload (the local submission is written: {path})"
+    if cfg.submit.code_competition:
+        package = layout.kaggle_package_dir(cfg)
+        if not (package / "kernel" / "kernel-metadata.json").exists():
+            raise DataError(f"submit.code_competition is on but {package} holds no package: run "
+                            f"python -m pipeline.kaggle_package first. The local submission is written: {path}")
+        kaggle.push(package / "dataset", package / "kernel", message)
+    else:
+        output = kaggle.run(["competitions", "submit", "-c", cfg.submit.competition, "-f", str(path), "-m", message],
+                            where)
+        print(f"submit: uploaded to {cfg.submit.competition}: {output.strip()}", file=sys.stderr)
+    kaggle.main(cfg)
 
 
 def record_paths(cfg: Config) -> list[Path]:
@@ -279,6 +265,7 @@ def main(cfg: Config) -> dict:
     row = {"time": f"{now:%Y-%m-%dT%H:%M:%SZ}", "file": path.name, "method": method, "members": "+".join(members),
            "metric": metric, "cv": cv, **scores, **provenance.run_provenance(cfg, record_paths(cfg))}
     board = append_leaderboard(layout.leaderboard_file(cfg), row)
+    kaggle.plot_cv_against_lb(board, layout.cv_lb_table(cfg), layout.cv_lb_figure(cfg), metric)
     result = {"cv": cv, **scores, "method": method, "metric": metric}
     write_json(layout.submission_metrics_file(cfg), metrics.numbers_only(result))
 

@@ -20,10 +20,11 @@ MAX_MODULE_LINES = 600  # a module is as long as its one idea needs; past this i
 # analysis) never import each other.
 LAYERS = [{"errors", "formula", "artifacts", "metrics"},
           {"config"},
-          {"layout", "provenance", "cli"},
+          {"layout", "provenance", "cli", "kaggle"},
           {"data"},
           {"training", "ensembling", "analysis"},
-          STAGES | {"__main__"}]
+          {"kaggle_notebook"},  # the offline kernel's script: inference, TTA and the ensemble from the core
+          STAGES | {"__main__", "kaggle_package"}]
 FLAT_LAYERS = (0, 2)
 
 

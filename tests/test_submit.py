@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 
+import fake_kaggle
 import numpy as np
 import pandas as pd
 import pytest
@@ -184,21 +185,16 @@ def test_invalid_submission_writes_nothing(tmp_path):
     assert not cfg.path("submissions").exists()
 
 
-def _no_kaggle(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def test_upload_without_kaggle_fails_after_writing_the_local_file(tmp_path, monkeypatch):
-    _no_kaggle(monkeypatch, tmp_path)
-    cfg = build_work(tmp_path, "submit.upload=true")
+    fake_kaggle.install(tmp_path, monkeypatch)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no kaggle at all
+    cfg = build_work(tmp_path, "submit.upload=true", "submit.competition=some-comp")
     with pytest.raises(PipelineError) as error:
         submit.main(cfg)
     message = str(error.value)
-    for text in ("kaggle command-line tool is not on PATH", "KAGGLE_USERNAME and KAGGLE_KEY",
-                 "submit.competition is not set"):
+    # What to install and the three ways to log in, in one message.
+    for text in ("kaggle command is not on PATH", "pip install kaggle", "kaggle auth login", "KAGGLE_API_TOKEN",
+                 "~/.kaggle/access_token", "kaggle.json", "KAGGLE_USERNAME and KAGGLE_KEY"):
         assert text in message
     kept = [p for p in cfg.path("submissions").glob("*_weighted_cv*.csv")]
     assert len(kept) == 1 and str(kept[0]) in message
@@ -206,23 +202,28 @@ def test_upload_without_kaggle_fails_after_writing_the_local_file(tmp_path, monk
     assert len(pd.read_csv(cfg.path("submissions") / "leaderboard.csv")) == 1
 
 
-def test_upload_calls_the_kaggle_cli(tmp_path, monkeypatch):
-    _no_kaggle(monkeypatch, tmp_path)
-    bin_dir = tmp_path / "empty-bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "calls.txt"
-    (bin_dir / "kaggle").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\necho "Successfully submitted"\n')
-    (bin_dir / "kaggle").chmod(0o755)
-    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
-    monkeypatch.setenv("KAGGLE_KEY", "secret")
-    monkeypatch.setenv("DVC_EXP_NAME", "lusty-oars")
+def test_upload_without_a_competition_names_the_key(tmp_path, monkeypatch):
+    fake_kaggle.install(tmp_path, monkeypatch)
+    cfg = build_work(tmp_path, "submit.upload=true")
+    with pytest.raises(ConfigError, match="submit.competition is not set"):
+        submit.main(cfg)
+
+
+def test_upload_calls_the_kaggle_cli_and_reads_the_scores_back(tmp_path, monkeypatch):
+    scores = tmp_path / "kaggle-submissions.csv"
+    calls = fake_kaggle.install(tmp_path, monkeypatch, FAKE_KAGGLE_SUBMISSIONS=str(scores), DVC_EXP_NAME="lusty-oars")
+    # No credential of any kind is set here: there is no pre-check, the CLI (the fake) decides.
     cfg = build_work(tmp_path, "submit.upload=true", "submit.competition=some-comp", "submit.message=first try")
+    scores.write_text("fileName,date,description,status,publicScore,privateScore\n"
+                      "other.csv,2026-01-01,x,complete,0.5,0.4\n")
     result = submit.main(cfg)
     row = read_text(cfg.path("submissions") / "leaderboard.csv").iloc[-1]
     message = (f"first try | weighted cv 0.8765 | commit {row['commit'] or 'none'} | exp lusty-oars | "
                f"config {row['config']}")
-    assert calls.read_text().splitlines() == ["competitions", "submit", "-c", "some-comp", "-f", result["file"],
-                                              "-m", message]
+    assert fake_kaggle.calls(calls) == [
+        ["competitions", "submit", "-c", "some-comp", "-f", result["file"], "-m", message],
+        ["competitions", "submissions", "-c", "some-comp", "-v"]]
+    assert row["lb_public"] == ""  # Kaggle has not scored this file (yet)
 
 
 @pytest.mark.parametrize("commit, experiment, expected", [

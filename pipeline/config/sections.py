@@ -174,7 +174,12 @@ class Submit(Section):
     competition: str | None = None
     """The Kaggle competition to upload to."""
     message: str = "pipeline submission"
-    """The Kaggle submission message."""
+    """The Kaggle submission message (the CV, the commit and the config digest are appended)."""
+    code_competition: bool = False
+    """The competition scores a notebook: `upload` pushes the package of `python -m pipeline.kaggle_package` (a
+    dataset of the models and a kernel that predicts offline) instead of sending the CSV."""
+    kaggle_user: str | None = None
+    """The Kaggle user who owns the package's dataset and kernel (required by `kaggle_package`)."""
 
 
 # A device name: `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -236,12 +241,15 @@ class Paths(Section):
 class Data(Section):
     """The competition folder and how its images become tensors."""
 
-    source: Literal["elpv", "folder"] = "elpv"
-    """`elpv` builds the embedded competition from the elpv-dataset package; `folder` reads `data.dir`."""
+    source: Literal["elpv", "folder", "kaggle"] = "elpv"
+    """`elpv` builds the embedded competition from the elpv-dataset package; `folder` reads `data.dir`; `kaggle`
+    downloads `data.competition` with the kaggle CLI into `<paths.competition>/<name>/` (once) and reads it."""
     layout: Literal["csv", "subfolders", "mask"] = "csv"
     """How labels are given: train.csv (`csv`), `train/<class>/` folders (`subfolders`), the mask competition."""
     dir: str | None = None
     """The competition folder (required with `data.source: folder`)."""
+    competition: str | None = None
+    """The Kaggle competition to download, its name in its URL (required with `data.source: kaggle`)."""
     train_csv: str = "train.csv"
     """The training table inside the competition folder."""
     train_images: str = "train"
@@ -302,6 +310,8 @@ class Data(Section):
     def _folder_needs_dir(self):
         if self.source == "folder" and not self.dir:
             raise ValueError("data.dir is required when data.source is 'folder'")
+        if self.source == "kaggle" and not self.competition:
+            raise ValueError("data.competition is required when data.source is 'kaggle' (its name in its URL)")
         if self.compose and not self.head_cols:
             raise ValueError("data.compose needs data.head_cols (the columns it is composed from)")
         return self

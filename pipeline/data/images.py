@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from pipeline import layout
 from pipeline.artifacts import read_json, read_table
-from pipeline.config import Config
 from pipeline.errors import DataError
+
+if TYPE_CHECKING:  # the config (pydantic) stays out of the code-competition notebook, which decodes with load_image
+    from pipeline.config import Config
 
 # ---------------------------------------------------------------- decoding images
 
@@ -75,6 +77,8 @@ class Cache:
 
     @classmethod
     def open(cls, cfg: Config) -> Cache:
+        from pipeline import layout
+
         folder = layout.cache_dir(cfg)
         meta = read_json(folder / layout.CACHE_META, "image cache index", "prepare")
         if tuple(meta["size_hw"]) != cfg.data.size_hw or meta["channels"] != cfg.data.channels:
@@ -89,6 +93,8 @@ class Cache:
         if size_hw is not None and list(size_hw) not in self.meta.get("extra_sizes", []):
             raise DataError(f"the image cache {self.folder} holds no {list(size_hw)} images (it has "
                             f"{[self.meta['size_hw'], *self.meta.get('extra_sizes', [])]}): run prepare")
+        from pipeline import layout
+
         path = self.folder / layout.cache_images_name(split, size_hw)
         try:
             return np.load(path, mmap_mode="r")
@@ -96,6 +102,8 @@ class Cache:
             raise DataError(f"image cache {path} is missing or damaged ({error}): run prepare") from None
 
     def table(self, split: str) -> pd.DataFrame:
+        from pipeline import layout
+
         return read_table(self.folder / layout.cache_index_name(split), "image cache index", "prepare")
 
     @property

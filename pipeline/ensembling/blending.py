@@ -7,8 +7,6 @@ chooses among them on OOF scores. The combiners themselves are ``pipeline.ensemb
 """
 
 import numpy as np
-from scipy import optimize
-from sklearn.linear_model import LogisticRegression
 
 from pipeline import metrics
 from pipeline.ensembling.voting import (
@@ -48,6 +46,8 @@ def _metric_key(metric: str, y_true, proba, log_loss_value: float):
 
 def _fit_log_loss_weights(stack: np.ndarray, y_true: np.ndarray, n_restarts: int, seed: int) -> np.ndarray:
     """Simplex weights minimising the log loss of the soft vote (SLSQP, several starts)."""
+    from scipy import optimize  # here and below, not above: the code-competition notebook applies offsets without it
+
     n_members = len(stack)
     true_class_proba = stack[:, np.arange(stack.shape[1]), y_true]  # M x N
 
@@ -188,6 +188,8 @@ def _fit_predict_logistic(train_x, train_y, predict_x, n_classes: int, C: float,
         # LogisticRegression refuses a single class; that class is then the only prediction.
         full[:, present[0]] = 1.0
     else:
+        from sklearn.linear_model import LogisticRegression
+
         model = LogisticRegression(C=C, max_iter=2000, random_state=seed)
         model.fit(train_x, train_y)
         full[:, model.classes_] = model.predict_proba(predict_x)

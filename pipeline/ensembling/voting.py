@@ -8,7 +8,6 @@ epsilon before any logarithm). What learns from OOF (weights, stacking, offsets)
 """
 
 import numpy as np
-from scipy import stats
 
 EPSILON = 1e-15
 # Stacking features are log-probabilities; a looser clip than EPSILON keeps an exact 0
@@ -88,9 +87,12 @@ def rank_average(members, weights=None) -> np.ndarray:
     ordering of rows within a class matters. The result is a score for ranking
     and argmax, not calibrated probabilities; do not judge it by log loss.
     """
+    import pandas as pd  # pandas' average ranks are scipy's rankdata: the code-competition kernel has no scipy
+
     stack = as_stack(members)
     weights = normalise_weights(weights, len(stack))
-    ranks = stats.rankdata(stack, axis=1) / stack.shape[1]
+    ranks = np.stack([pd.DataFrame(member).rank(axis=0, method="average").to_numpy() for member in stack])
+    ranks = ranks / stack.shape[1]
     return normalise_rows(np.tensordot(weights, ranks, axes=1))
 
 

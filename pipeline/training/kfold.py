@@ -43,8 +43,8 @@ from pipeline.training.loop import (
     StepState,
     autocast_dtype,
     predict_logits,
-    torch_device,
     seed_everything,
+    torch_device,
     train_one_epoch,
 )
 from pipeline.training.models import Heads, create_model, set_backbone_frozen

@@ -5,7 +5,8 @@ test images that fold k's own first-round model labels with a top-class probabil
 ``train.pseudo_threshold`` (hard labels, listed in the fold folder's ``pseudo_labels.csv``), and validates on
 fold k's rows as before. Fold k's first-round model never trained on fold k's validation images, so nothing they
 hold reaches round two's fold k through its labels: the second round's OOF and CV are as honest as the first's,
-and train reports both (``cv`` and ``round1_cv``).
+and train reports both (``cv`` and ``round1_cv``). ``trained_folds`` names the models that predict: round two's
+or round one's.
 
 The labels come from one plain forward pass of the fold's best.pt over the test images (no TTA). Round two is kept
 in ``models/<backbone>/pseudo/fold<k>`` under a key made from round one's (``pseudo_key``): a re-run skips it, a
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,10 +27,10 @@ from pipeline import layout, provenance
 from pipeline.artifacts import write_csv
 from pipeline.config import Config
 from pipeline.data.images import Cache
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.training import distributed, fold_setup
 from pipeline.training.checkpoints import load_fold_model
-from pipeline.training.kfold import FoldResult, TrainingData, settings_key, train_fold
+from pipeline.training.kfold import FoldResult, TrainingData, load_training_data, settings_key, train_fold, tuned_config
 from pipeline.training.loop import autocast_dtype, predict_logits, torch_device
 from pipeline.training.models import Heads
 
@@ -107,3 +109,30 @@ def pseudo_round(cfg: Config, backbone: str, data: TrainingData, round1: list[Fo
         results.append(train_fold(cfg, backbone, fold_data, fold, folder, key=key,
                                   label=f"[{backbone}] fold {fold} round 2"))
     return results
+
+
+# ---------------------------------------------------------------- the models that predict (infer, the Kaggle package)
+
+def trained_folds(cfg: Config, backbone: str) -> list[tuple[int, Path, str]]:
+    """(fold, folder, the settings key its checkpoint must carry) of each trained fold of the current folds: round
+    two's (``models/<backbone>/pseudo``) when ``train.pseudo_label``, else the folds' own.
+
+    A fold folder that the current folds.csv does not have (``folds.n_splits`` lowered) is refused: its
+    model was trained on other folds and must not be averaged into the test predictions.
+    """
+    tuned = tuned_config(cfg, backbone)
+    data = load_training_data(tuned)
+    current = set(np.unique(data.folds).tolist())
+    round_two = tuned.train.pseudo_label
+    model_dir = layout.pseudo_dir(cfg, backbone) if round_two else layout.model_dir(cfg, backbone)
+    found = {int(p.name[4:]): p for p in model_dir.glob("fold*") if p.name[4:].isdigit()}
+    stale = sorted(set(found) - current)
+    if stale:
+        raise DataError(f"{model_dir} holds fold(s) {stale} that {layout.folds_file(cfg)} does not have (were the "
+                        f"folds changed?): re-run train for {backbone}, which removes them")
+    if not found:
+        raise DataError(f"no trained folds in {model_dir}: run train for {backbone} first")
+    keys = {fold: settings_key(tuned, backbone, data, fold) for fold in found}
+    if round_two:
+        keys = {fold: pseudo_key(key, tuned.train.pseudo_threshold) for fold, key in keys.items()}
+    return [(fold, folder, keys[fold]) for fold, folder in sorted(found.items())]

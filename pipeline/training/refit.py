@@ -20,7 +20,7 @@ from pipeline.config import Config
 from pipeline.training import distributed
 from pipeline.training.fold_setup import timm_name
 from pipeline.training.kfold import FoldResult, FoldStore, TrainingData, build_fold, run_epoch, settings_key
-from pipeline.training.loop import autocast_dtype, torch_device, seed_everything
+from pipeline.training.loop import autocast_dtype, seed_everything, torch_device
 
 REFIT_FOLD = -1  # the fold number its seeds and settings key use
 
