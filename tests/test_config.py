@@ -134,3 +134,28 @@ def test_off_and_on_are_words_not_booleans(tmp_path):
     preset.write_text("runtime:\n  amp: off\ntrain:\n  ema: true\n")
     config = load_config(preset)
     assert config.runtime.amp == "off" and config.train.ema is True
+
+
+def test_a_misspelt_choice_fails_the_config_check_naming_the_override():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["train.loss=focall", "metric=f1"])
+    message = str(error.value)
+    assert "command-line override 'train.loss'" in message and "(got 'focall')" in message
+    assert "command-line override 'metric'" in message and "'macro_f1'" in message
+
+
+def test_a_bad_value_in_the_file_is_not_blamed_on_the_command_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {augment: flipz}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["train.lr=0.01"])
+    assert f"invalid config {path}" in str(error.value) and "command-line" not in str(error.value)
+    assert "'train.augment'" in str(error.value)
+
+
+def test_the_config_choices_are_the_names_the_training_tables_build():
+    from pipeline.config import sections
+    from pipeline.training.augment import PRESETS
+    from pipeline.training.losses import LOSSES
+
+    assert set(sections.LOSS_NAMES) == set(LOSSES) and set(sections.AUGMENT_PRESETS) == set(PRESETS)

@@ -92,7 +92,7 @@ def assert_shared(cfg, workers: int, trials: int) -> None:
 @pytest.mark.parametrize("space, message", [
     ("{weight_decy: {type: float, low: 0.001, high: 0.1}}", "no key 'weight_decy'; did you mean 'weight_decay'?"),
     ("{lrate: {type: float, low: 0.001, high: 0.1}}", "weight_decay, optimizer"),
-    ("{loss: {type: categorical, choices: [ce, nonsense]}}", "tune.space.loss: train.loss 'nonsense' is unknown"),
+    ("{loss: {type: categorical, choices: [ce, nonsense]}}", "tune.space.loss: 'nonsense' is not a valid train.loss"),
     ("{optimizer: {type: categorical, choices: [adamw, adamx]}}", "'adamx' is not a valid train.optimizer"),
     ("{augment: {type: categorical, choices: [flips, nonsense]}}", "nonsense"),
     ("{drop_rate: {type: float, low: 0.0, high: 1.5}}", "1.5 is not a valid train.drop_rate"),

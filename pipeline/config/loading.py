@@ -78,19 +78,33 @@ def _valid_keys(model: type[BaseModel], location: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(error: ValidationError, source: str, model: type[BaseModel]) -> ConfigError:
+def _set_by_override(location: tuple, overridden: dict) -> bool:
+    """Whether a dotted override set the key at ``location``."""
+    node = overridden
+    for part in location:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(location)
+
+
+def _explain(error: ValidationError, source: str, model: type[BaseModel], overridden: dict | None = None
+             ) -> ConfigError:
+    """One ConfigError naming every bad key, each one a command-line override set marked as such (else ``source``
+    set it)."""
     lines = []
     for item in error.errors():
         location = tuple(p for p in item["loc"] if not str(p).startswith(("function-", "literal[")))
         key = ".".join(str(p) for p in location) or "(top level)"
+        where = "command-line override " if _set_by_override(location, overridden or {}) else ""
         if item["type"] == "extra_forbidden":
             valid = _valid_keys(model, location)
             close = difflib.get_close_matches(str(location[-1]), valid, n=1)
             hint = f"; did you mean '{'.'.join([*map(str, location[:-1]), close[0]])}'?" if close else ""
-            lines.append(f"unknown key '{key}'{hint} (valid keys here: {', '.join(valid)})")
+            lines.append(f"{where}unknown key '{key}'{hint} (valid keys here: {', '.join(valid)})")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"'{key}': {message} (got {item.get('input')!r})")
+            lines.append(f"{where}'{key}': {message} (got {item.get('input')!r})")
     return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
 
 
@@ -108,11 +122,12 @@ def load_model(model: type[BaseModel], path: str | Path | None, overrides: list[
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-    raw = deep_merge(raw, parse_overrides(list(overrides)))
+    overridden = parse_overrides(list(overrides))
+    raw = deep_merge(raw, overridden)
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise _explain(error, source, model) from None
+        raise _explain(error, source, model, overridden) from None
 
 
 def mask_password(url: str) -> str:

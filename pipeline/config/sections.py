@@ -16,6 +16,14 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.formula import check_formula
+from pipeline.metrics import METRICS
+
+# The names a choice may take, so that a typo fails the config check, not the stage an hour later. The training
+# code builds each from its own table (pipeline.training.losses.LOSSES, pipeline.training.augment.PRESETS), and
+# tests/test_config.py checks that those tables hold exactly these names.
+METRIC_NAMES = tuple(METRICS)
+LOSS_NAMES = ("ce", "focal", "f1", "ce+f1", "ordinal")
+AUGMENT_PRESETS = ("none", "flips", "light", "heavy", "face")
 
 
 class Section(BaseModel):
@@ -355,7 +363,7 @@ class Train(Section):
     """Epochs between decays of the `step` schedule."""
     step_gamma: float = Field(default=0.1, gt=0, le=1)
     """Decay factor of the `step` schedule."""
-    augment: str = "flips"
+    augment: Literal[AUGMENT_PRESETS] = "flips"
     """Augmentation preset: `none`, `flips`, `light`, `heavy`, `face`."""
     mixup: float = Field(default=0.0, ge=0)
     """timm Mixup alpha (0: off; single-head targets only)."""
@@ -390,7 +398,7 @@ class Train(Section):
     frozen_norm: bool = False
     """Batch norm keeps its pretrained running statistics while everything else trains (its layers in eval mode):
     small batches of another domain give noisier statistics than the ones the weights were trained with."""
-    loss: str = "ce"
+    loss: Literal[LOSS_NAMES] = "ce"
     """Loss: `ce`, `focal`, `f1`, `ce+f1` or `ordinal` (cross-entropy against soft ordinal targets, for classes that
     are grades of one quantity, in the classes' order: numeric when the labels are numbers, else text)."""
     label_smoothing: float = Field(default=0.05, ge=0, lt=1)
@@ -510,7 +518,7 @@ def check_backbone_overrides(backbones: dict[str, dict], train: BaseModel) -> No
 class Config(Section):
     paths: Paths = Field(default_factory=Paths)
     data: Data = Field(default_factory=Data)
-    metric: str = "macro_f1"
+    metric: Literal[METRIC_NAMES] = "macro_f1"
     """The metric every stage uses: `macro_f1`, `accuracy`, `weighted_f1`, `balanced_accuracy`, `qwk`, `log_loss`."""
     folds: Folds = Field(default_factory=Folds)
     # A mapping lets DVC track each backbone's parameters apart (`backbones.<name>`): changing one re-runs its stages.
