@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline import config as config_module
+from pipeline import layout
 from pipeline.config.reference import SECTIONS, config_reference, section_model, undocumented
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,3 +207,46 @@ def test_pages_name_only_keys_the_config_has(page):
 
 def test_the_key_check_sees_a_renamed_key():
     assert unknown_keys("set `train.amp=off` or `runtime.amp=off`; see train.csv and folds.csv") == ["train.amp"]
+
+
+# ---------------------------------------------------------------- the stage tables agree with layout
+
+def table_rows(page: str, header: str) -> dict[str, str]:
+    """The rows of the Markdown table under ``header`` (its first line), by the `name` in their first column."""
+    lines = page[page.index(header):].splitlines()[2:]
+    rows = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        match = re.match(r"\|\s*`([^`]+)`", line)
+        if match:
+            rows[match.group(1)] = line
+    return rows
+
+
+def missing_outputs(rows: dict[str, str]) -> list[str]:
+    """Each stage's outputs (``layout.stage_outputs``, a backbone as ``<backbone>``) that its row does not name."""
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["backbones=[BACKBONE]"])
+    missing = [f"{stage}: no row" for stage in layout.STAGES if stage not in rows]
+    for stage in layout.STAGES:
+        backbone = "BACKBONE" if stage in ("tune", "train", "infer") else None
+        for path in layout.stage_outputs(cfg, stage, backbone):
+            name = path.name.replace("BACKBONE", "<backbone>")
+            if stage in rows and name not in rows[stage]:
+                missing.append(f"{stage}: {name}")
+    return missing
+
+
+def test_the_stage_tables_name_every_stage_and_what_it_writes():
+    readme = (ROOT / "README.md").read_text()
+    assert set(table_rows(readme, "| `pipeline/` | stage |")) == set(layout.STAGES), (
+        "README's stage table differs from the stages")
+    stages_page = (ROOT / "docs" / "stages.md").read_text()
+    assert missing_outputs(table_rows(stages_page, "| stage | writes |")) == []
+
+
+def test_the_stage_table_check_sees_a_missing_output():
+    page = (ROOT / "docs" / "stages.md").read_text().replace("folds_balance.csv", "balance.csv")
+    assert missing_outputs(table_rows(page, "| stage | writes |")) == ["folds: folds_balance.csv"]
