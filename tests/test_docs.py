@@ -250,3 +250,16 @@ def test_the_stage_tables_name_every_stage_and_what_it_writes():
 def test_the_stage_table_check_sees_a_missing_output():
     page = (ROOT / "docs" / "stages.md").read_text().replace("folds_balance.csv", "balance.csv")
     assert missing_outputs(table_rows(page, "| stage | writes |")) == ["folds: folds_balance.csv"]
+
+
+def test_the_results_page_is_generated_from_the_result_files():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results", ROOT / "benchmarks" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    page = (ROOT / "docs" / "results.md").read_text()
+    assert page == results.page(), "docs/results.md is out of date: run `python benchmarks/results.py > docs/results.md`"
+    for _, file, _ in results.SECTIONS:
+        if (ROOT / file).is_file():
+            assert f"From `{file}`" in page
