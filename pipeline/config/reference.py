@@ -1,6 +1,6 @@
 """The configuration reference, docs/configuration.md, generated from the typed config so it cannot drift.
 
-Every key's type, default and description come from ``pipeline/config.py`` (the description is the string
+Every key's type, default and description come from ``pipeline/config/sections.py`` (the description is the string
 under the field), the presets' descriptions from the comment at the top of each ``configs/*.yaml``.
 ``python -m pipeline.config.reference > docs/configuration.md`` rewrites the page; ``tests/test_docs.py`` fails when
 the page differs from this output or a key has no description.
@@ -151,7 +151,7 @@ def presets(folder: Path = ROOT / "configs") -> str:
 
 
 def undocumented() -> list[str]:
-    """Keys without a description (the string under the field in pipeline/config.py)."""
+    """Keys without a description (the string under the field in pipeline/config/sections.py)."""
     missing = [name for name in SECTIONS if section_model(name) is None and not Config.model_fields[name].description]
     for model, prefix in [(section_model(n), f"{n}.") for n in SECTIONS if section_model(n)] + [(TuneParam, "space.")]:
         missing += [prefix + key for key, field in model.model_fields.items() if not field.description]
