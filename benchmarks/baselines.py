@@ -31,7 +31,7 @@ from pipeline.config import load_config
 from pipeline.data.competition import encode_labels
 from pipeline.data.images import Cache
 from pipeline.errors import PipelineError
-from pipeline.folds import read_folds
+from pipeline.data.stage_tables import read_folds
 
 GRID = 16  # the logistic regression sees GRID x GRID block means per channel
 
