@@ -149,7 +149,9 @@ def main() -> None:
         overrides = [*args.overrides, "data.source=folder", f"data.dir={folder}",
                      *layout.overrides_under(logs / "folder")]
         rows.append(one_run(f"folder (seed {args.seeds[0]})", args.config, overrides, logs))
-    Path(args.out).write_text(json.dumps({"overrides": args.overrides, "runs": rows}, indent=2) + "\n")
+    command = " ".join(["python", *sys.argv])  # the page of results (benchmarks/results.py) prints it
+    Path(args.out).write_text(json.dumps({"command": command, "overrides": args.overrides, "runs": rows}, indent=2)
+                              + "\n")
     print(table(rows))
 
 
