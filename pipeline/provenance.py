@@ -95,9 +95,9 @@ def code_digest(modules, package: Path = PACKAGE) -> str:
 @functools.cache
 def training_code_digest(module: str = "training.kfold", package: Path = PACKAGE) -> str:
     """The digest of the training code ``module`` computes with: it and the modules it imports that are in
-    ``TRAINING_PACKAGES`` or ``TRAINING_MODULES``."""
-    return code_digest([name for name in imported_modules(module, package)
-                        if name.split(".")[0] in TRAINING_PACKAGES or name in TRAINING_MODULES], package)
+    ``TRAINING_PACKAGES`` or ``TRAINING_MODULES`` (``tune``: the stage's objective and the training it runs)."""
+    return code_digest([name for name in imported_modules(module, package) if name == module
+                        or name.split(".")[0] in TRAINING_PACKAGES or name in TRAINING_MODULES], package)
 
 
 # ---------------------------------------------------------------- a run's commit, experiment and settings

@@ -69,6 +69,15 @@ def test_the_training_digest_covers_training_and_data_but_not_layout(tmp_path):
     assert digest("training.kfold", root) != before
 
 
+def test_a_stage_digest_covers_the_stage_itself(tmp_path):
+    root = package(tmp_path, {"training": "", "training.loop": "STEP = 1\n", "layout": "",
+                              "tune": "from pipeline import layout\nfrom pipeline.training import loop\nN = 1\n"})
+    digest = provenance.training_code_digest.__wrapped__
+    before = digest("tune", root)
+    (root / "tune.py").write_text((root / "tune.py").read_text().replace("N = 1", "N = 2"))
+    assert digest("tune", root) != before
+
+
 def test_direct_imports_name_modules_by_their_dotted_path(tmp_path):
     root = package(tmp_path, {"training": "", "training.loop": "", "training.kfold": "", "layout": "",
                               "config": "", "config.sections": ""})
