@@ -48,8 +48,8 @@ def images_per_second(device: str, cfg: Config, backbone: str, steps: int) -> fl
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     targets = torch.randint(0, len(CLASSES), (batch, 1))
-    compute_loss, _ = fold_setup.make_loss(cfg, heads, targets.numpy())
-    optimizer = fold_setup.make_optimizer(cfg, model)
+    compute_loss, _ = fold_setup.make_loss(cfg.train, heads, targets.numpy())
+    optimizer = fold_setup.make_optimizer(cfg.train, model)
     images = torch.randint(0, 256, (batch, channels, height, width), dtype=torch.uint8)
 
     def run(count: int) -> None:

@@ -152,10 +152,10 @@ def training_pass(cfg: Config, backbone: str, data, device: torch.device, amp: s
                          drop_path_rate=cfg.train.drop_path_rate).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    compute_loss, losses = fold_setup.make_loss(cfg, data.heads, data.targets)
+    compute_loss, losses = fold_setup.make_loss(cfg.train, data.heads, data.targets)
     for loss in losses:
         loss.to(device)
-    optimizer = fold_setup.make_optimizer(cfg, model)
+    optimizer = fold_setup.make_optimizer(cfg.train, model)
     dtype = autocast_dtype(amp, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     forward = torch.compile(model, backend=compile_backend(device)) if compiled else model

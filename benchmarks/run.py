@@ -71,8 +71,8 @@ def loader_efficiency(cfg: Config, steps: int, repeats: int) -> dict:
                          data.std).to(device)
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    compute_loss, losses = fold_setup.make_loss(cfg, data.heads, data.targets[indices])
-    optimizer = fold_setup.make_optimizer(cfg, model)
+    compute_loss, losses = fold_setup.make_loss(cfg.train, data.heads, data.targets[indices])
+    optimizer = fold_setup.make_optimizer(cfg.train, model)
     loader = fold_setup.make_train_loader(cfg, data, indices, device, seed=0)
     batch_augment = fold_setup.make_batch_augment(cfg, seed=0)  # None when the preset runs per image
     augmented = batch_augment or (lambda images: images.clone())
@@ -194,8 +194,8 @@ def epoch_scaling(cfg: Config, sizes: list[int], repeats: int) -> dict:
     device = torch_device(cfg.runtime.device)
     model = create_model(fold_setup.timm_name(cfg, backbone), data.heads, cfg.data.channels, data.mean,
                          data.std).to(device)
-    optimizer = fold_setup.make_optimizer(cfg, model)
-    compute_loss, _ = fold_setup.make_loss(cfg, data.heads, data.targets)
+    optimizer = fold_setup.make_optimizer(cfg.train, model)
+    compute_loss, _ = fold_setup.make_loss(cfg.train, data.heads, data.targets)
     per_image = {}
     warm = fold_setup.make_train_loader(cfg, data, np.arange(min(sizes[0], len(data.ids))), device, seed=0)
     batch_augment = fold_setup.make_batch_augment(cfg, seed=0)

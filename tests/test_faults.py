@@ -309,10 +309,10 @@ def nan_loss_from(epoch: int, step: int):
     """A make_loss whose loss turns NaN at (epoch, step) of each fold, as a diverging run's does."""
     real = fold_setup.make_loss
 
-    def make_loss(cfg, heads, targets):
-        compute_loss, losses = real(cfg, heads, targets)
+    def make_loss(train, heads, targets):
+        compute_loss, losses = real(train, heads, targets)
         calls = {"count": 0}
-        steps_per_epoch = len(targets) // cfg.train.batch_size
+        steps_per_epoch = len(targets) // train.batch_size
 
         def diverging(logits, batch_targets):
             loss = compute_loss(logits, batch_targets)

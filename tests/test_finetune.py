@@ -23,7 +23,7 @@ def test_layer_decay_scales_each_layer_below_the_classifier(tmp_path):
     the classifier learns at lr * d**k * m, the classifier at lr."""
     cfg = make_config(tmp_path, "train.lr=0.1", "train.layer_decay=0.5", "train.backbone_lr_mult=0.5")
     model = lcnet()
-    optimizer = fold_setup.make_optimizer(cfg, model)
+    optimizer = fold_setup.make_optimizer(cfg.train, model)
     scale_of = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
     assert len(scale_of) == len(list(model.parameters()))
     classifier = model.backbone.get_classifier()

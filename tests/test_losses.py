@@ -218,6 +218,6 @@ def test_train_loss_ordinal_reaches_the_training_loss_with_its_scale(tmp_path):
 
     cfg = make_config(tmp_path, "train.loss=ordinal", f"train.ordinal_scale={math.log(2)}", "train.label_smoothing=0")
     heads = Heads(["a", "b", "c"], [("target", ["a", "b", "c"])])
-    compute_loss, _ = make_loss(cfg, heads, np.array([[0], [1], [2]]))
+    compute_loss, _ = make_loss(cfg.train, heads, np.array([[0], [1], [2]]))
     value = compute_loss(torch.tensor([[0.0, math.log(2), 0.0]]), torch.tensor([[0]]))
     assert value.item() == pytest.approx(1.164488, abs=1e-5)

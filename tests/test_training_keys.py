@@ -17,7 +17,7 @@ HEADS = Heads(["a", "b", "c"], [("target", ["a", "b", "c"])])
 def learning_rates(overrides, steps_per_epoch=4, epochs=3, updates=4):
     cfg = load_config(None, ["train.lr=0.01", *overrides])
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.01)
-    scheduler, _ = fold_setup.make_scheduler(cfg, optimizer, steps_per_epoch, epochs)
+    scheduler, _ = fold_setup.make_scheduler(cfg.train, optimizer, steps_per_epoch, epochs)
     rates = [optimizer.param_groups[0]["lr"]]
     for update in range(1, updates):
         scheduler.step_update(update)
@@ -39,7 +39,7 @@ def test_warmup_rates_per_update_by_hand(warmup, expected):
 def test_backbone_lr_mult_sets_the_backbone_group_only():
     cfg = load_config(None, ["train.lr=0.01", "train.backbone_lr_mult=0.1"])
     model = create_model("lcnet_050", HEADS, 1, [0.5], [0.25])
-    optimizer = fold_setup.make_optimizer(cfg, model)
+    optimizer = fold_setup.make_optimizer(cfg.train, model)
     head = {id(p) for p in classifier_parameters(model)}
     body_group, head_group = optimizer.param_groups
     assert body_group["lr"] == pytest.approx(0.001) and head_group["lr"] == pytest.approx(0.01)
@@ -112,7 +112,7 @@ def test_ema_weights_are_saved_as_best_and_trail_the_live_ones(prepared, tmp_pat
 
 def test_mixup_targets_are_distributions_that_mix_two_images():
     cfg = load_config(None, ["train.mixup=0.4", "train.cutmix=0", "train.label_smoothing=0"])
-    mixup = fold_setup.make_mixup(cfg, HEADS)
+    mixup = fold_setup.make_mixup(cfg.train, HEADS)
     torch.manual_seed(0)
     images = torch.rand(8, 1, 8, 8)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
-from pipeline.config import Config
+from pipeline.config import Config, Train
 from pipeline.data.images import ImageDataset
 from pipeline.errors import ConfigError
 from pipeline.training import distributed
@@ -32,19 +32,19 @@ def loader_settings(cfg: Config, device: torch.device) -> dict:
     return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
 
 
-def make_loss(cfg: Config, heads: Heads, targets: np.ndarray):
+def make_loss(train: Train, heads: Heads, targets: np.ndarray):
     """One loss per head (the configured loss for submitted heads, cross-entropy for aux heads)."""
     losses = []
     for index, (_name, class_names) in enumerate(heads.heads + heads.aux):
         weight = None
-        if cfg.train.class_weights:
-            weight = class_weights(targets[:, index], len(class_names), cfg.train.balance_power)
+        if train.class_weights:
+            weight = class_weights(targets[:, index], len(class_names), train.balance_power)
         is_aux = index >= len(heads.heads)
         # timm's Mixup already smooths the soft targets it makes; smoothing them again would double it.
-        smoothing = 0.0 if (cfg.train.mixup or cfg.train.cutmix) else cfg.train.label_smoothing
-        losses.append(build_loss("ce" if is_aux else cfg.train.loss, len(class_names), label_smoothing=smoothing,
-                                 focal_gamma=cfg.train.focal_gamma, focal_alpha=cfg.train.focal_alpha, weight=weight,
-                                 ordinal_scale=cfg.train.ordinal_scale))
+        smoothing = 0.0 if (train.mixup or train.cutmix) else train.label_smoothing
+        losses.append(build_loss("ce" if is_aux else train.loss, len(class_names), label_smoothing=smoothing,
+                                 focal_gamma=train.focal_gamma, focal_alpha=train.focal_alpha, weight=weight,
+                                 ordinal_scale=train.ordinal_scale))
     head_count = len(heads.heads)
 
     def compute_loss(logits: torch.Tensor, batch_targets: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def make_loss(cfg: Config, heads: Heads, targets: np.ndarray):
             return losses[0](parts[0].float(), batch_targets)
         total = 0.0
         for index, (part, loss) in enumerate(zip(parts, losses)):
-            scale = cfg.train.aux_weight if index >= head_count else 1.0
+            scale = train.aux_weight if index >= head_count else 1.0
             total = total + scale * loss(part.float(), batch_targets[:, index])
         return total
 
@@ -62,61 +62,61 @@ def make_loss(cfg: Config, heads: Heads, targets: np.ndarray):
     return compute_loss, losses
 
 
-def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+def make_optimizer(train: Train, model) -> torch.optim.Optimizer:
     """timm's optimizer factory on two groups: the classifier at train.lr, the backbone at lr x backbone_lr_mult;
     with ``train.layer_decay``, timm's layer-wise groups instead (each block's ``lr_scale`` the decay to the power of
     its depth below the classifier, times backbone_lr_mult below the classifier)."""
     from timm.optim import create_optimizer_v2, param_groups_layer_decay
 
-    kwargs = {"momentum": cfg.train.momentum} if cfg.train.optimizer in ("sgd", "rmsprop") else {}
-    if cfg.train.layer_decay:
-        groups = param_groups_layer_decay(model.backbone, weight_decay=cfg.train.weight_decay,
-                                          layer_decay=cfg.train.layer_decay)
+    kwargs = {"momentum": train.momentum} if train.optimizer in ("sgd", "rmsprop") else {}
+    if train.layer_decay:
+        groups = param_groups_layer_decay(model.backbone, weight_decay=train.weight_decay,
+                                          layer_decay=train.layer_decay)
         for group in groups:
             if group["lr_scale"] < 1.0:
-                group["lr_scale"] *= cfg.train.backbone_lr_mult
-            group["lr"] = cfg.train.lr * group["lr_scale"]
-        return create_optimizer_v2(groups, opt=cfg.train.optimizer, lr=cfg.train.lr,
-                                   weight_decay=cfg.train.weight_decay, **kwargs)
+                group["lr_scale"] *= train.backbone_lr_mult
+            group["lr"] = train.lr * group["lr_scale"]
+        return create_optimizer_v2(groups, opt=train.optimizer, lr=train.lr,
+                                   weight_decay=train.weight_decay, **kwargs)
     head = classifier_parameters(model)
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if id(p) not in head_ids]
-    groups = [{"params": body, "lr": cfg.train.lr * cfg.train.backbone_lr_mult}, {"params": head, "lr": cfg.train.lr}]
-    return create_optimizer_v2([g for g in groups if g["params"]], opt=cfg.train.optimizer, lr=cfg.train.lr,
-                               weight_decay=cfg.train.weight_decay, **kwargs)
+    groups = [{"params": body, "lr": train.lr * train.backbone_lr_mult}, {"params": head, "lr": train.lr}]
+    return create_optimizer_v2([g for g in groups if g["params"]], opt=train.optimizer, lr=train.lr,
+                               weight_decay=train.weight_decay, **kwargs)
 
 
-def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int, epochs: int):
+def make_scheduler(train: Train, optimizer, steps_per_epoch: int, epochs: int):
     """(scheduler, per_update): timm's cosine-with-warmup, step and plateau schedulers, torch's one-cycle."""
     from timm.scheduler import create_scheduler_v2
 
-    name = cfg.train.scheduler
+    name = train.scheduler
     if name == "none":
         return None, True
     if name == "onecycle":
         max_lr = [group["lr"] for group in optimizer.param_groups]
-        pct_start = min(0.3, max(cfg.train.warmup_epochs / epochs, 0.05))
+        pct_start = min(0.3, max(train.warmup_epochs / epochs, 0.05))
         total_steps = max(1, steps_per_epoch * epochs)
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
                                                    pct_start=pct_start), True
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=name, num_epochs=epochs, decay_epochs=cfg.train.step_size, decay_rate=cfg.train.step_gamma,
-        warmup_epochs=cfg.train.warmup_epochs if name != "plateau" else 0,  # fractions count in updates
-        warmup_lr=cfg.train.lr * 0.01, min_lr=cfg.train.lr * 0.01,
-        patience_epochs=max(1, (cfg.train.patience or 4) // 2),
+        optimizer, sched=name, num_epochs=epochs, decay_epochs=train.step_size, decay_rate=train.step_gamma,
+        warmup_epochs=train.warmup_epochs if name != "plateau" else 0,  # fractions count in updates
+        warmup_lr=train.lr * 0.01, min_lr=train.lr * 0.01,
+        patience_epochs=max(1, (train.patience or 4) // 2),
         step_on_epochs=name in ("step", "plateau"), updates_per_epoch=steps_per_epoch, warmup_prefix=True)
     return scheduler, name not in ("step", "plateau")
 
 
-def make_mixup(cfg: Config, heads: Heads):
-    if not (cfg.train.mixup or cfg.train.cutmix):
+def make_mixup(train: Train, heads: Heads):
+    if not (train.mixup or train.cutmix):
         return None
     if len(heads.heads) + len(heads.aux) > 1:
         raise ConfigError("train.mixup/train.cutmix work with a single head; set them to 0 for several heads")
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix, prob=cfg.train.mix_prob,
-                 label_smoothing=cfg.train.label_smoothing, num_classes=len(heads.class_names))
+    return Mixup(mixup_alpha=train.mixup, cutmix_alpha=train.cutmix, prob=train.mix_prob,
+                 label_smoothing=train.label_smoothing, num_classes=len(heads.class_names))
 
 
 def make_batch_augment(cfg: Config, seed: int):

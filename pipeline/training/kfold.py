@@ -262,20 +262,20 @@ def build_fold(cfg: Config, backbone: str, data: TrainingData, train_indices: np
                          cfg.train.drop_path_rate).to(device)
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    compute_loss, losses = fold_setup.make_loss(cfg, data.heads, data.targets[train_indices])
+    compute_loss, losses = fold_setup.make_loss(cfg.train, data.heads, data.targets[train_indices])
     for loss in losses:
         loss.to(device)
-    optimizer = fold_setup.make_optimizer(cfg, model)
+    optimizer = fold_setup.make_optimizer(cfg.train, model)
     probe_loader = fold_setup.make_train_loader(cfg, data, train_indices, device, seed=0)
     steps_per_epoch = max(1, -(-len(probe_loader) // cfg.train.accumulate))
-    scheduler, per_update = fold_setup.make_scheduler(cfg, optimizer, steps_per_epoch, epochs)
+    scheduler, per_update = fold_setup.make_scheduler(cfg.train, optimizer, steps_per_epoch, epochs)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     ema = None
     if cfg.train.ema:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
-    mixup = fold_setup.make_mixup(cfg, data.heads)
+    mixup = fold_setup.make_mixup(cfg.train, data.heads)
     forward_model = distributed.wrap(model, device)  # DistributedDataParallel under torchrun
     forward_model = torch.compile(forward_model) if cfg.runtime.compile else forward_model
     return FoldBuild(model, forward_model, compute_loss, optimizer, scheduler, per_update, scaler, ema, mixup)
