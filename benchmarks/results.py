@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = [
     ("The default on three ELPV splits", "benchmarks/splits_pretrained.json",
      "The pretrained default (`params.yaml`): split 0 from `dvc repro` on a fresh clone, splits 1 and 2 with the "
-     "splits benchmark. Everything was chosen on split 0's CV; splits 1 and 2 are the check on splits nobody tuned on."),
+     "splits benchmark. Everything was chosen on split 0's CV; splits 1 and 2 are the check on splits nobody tuned "
+     "on."),
     ("The default on the folder copy of split 0", "benchmarks/splits_pretrained_folder.json",
      "Split 0's competition copied as a folder competition with other column names and string labels "
      "(`data.source=folder`): the same recipe through the other reader. The first row is split 0 itself."),

@@ -259,7 +259,8 @@ def test_the_results_page_is_generated_from_the_result_files():
     results = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(results)
     page = (ROOT / "docs" / "results.md").read_text()
-    assert page == results.page(), "docs/results.md is out of date: run `python benchmarks/results.py > docs/results.md`"
+    assert page == results.page(), ("docs/results.md is out of date: run "
+                                    "`python benchmarks/results.py > docs/results.md`")
     for _, file, _ in results.SECTIONS:
         if (ROOT / file).is_file():
             assert f"From `{file}`" in page
