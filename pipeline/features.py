@@ -125,7 +125,7 @@ def main(cfg: Config) -> dict:
         if min(train_images.shape[1:3]) < max(settings.patch):
             raise ConfigError(f"features.patch={max(settings.patch)} is larger than the cached images "
                               f"({train_images.shape[1]}x{train_images.shape[2]}): lower it")
-        oof, test, fold_rows = linear.cross_fit_folds(
+        oof, test, fold_rows, _ = linear.cross_fit_folds(
             fold_features(settings, train_images, test_images, rows, settings.seed), labels, folds,
             len(cache.class_names), settings.inverse_regularisation, settings.balance_power)
         result = linear.write_member(out, layout.FEATURES_MEMBER, layout.features_metrics_file(cfg), cfg.metric,
