@@ -63,7 +63,7 @@ def test_the_saved_regressions_predict_as_scikit_learn_did(tmp_path, n_classes, 
 
 def test_damaged_regressions_are_a_data_error(tmp_path):
     (tmp_path / "r.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="re-run the embed stage"):
+    with pytest.raises(DataError, match="re-run its stage"):
         embedding.load_regressions(tmp_path / "r.npz")
     with pytest.raises(DataError, match="missing"):
         embedding.load_regressions(tmp_path / "none.npz")

@@ -1,10 +1,11 @@
-"""The embed member's pieces that need only torch, timm and numpy: a frozen backbone, its pooled features of an image
-and its mirror, and the saved per-fold logistic regressions that read them.
+"""The pieces of the members that train no network which need only torch, timm and numpy: the embed member's frozen
+backbone and its pooled features of an image and its mirror, the features member's encoding of images with its
+k-means filters, and the saved per-fold logistic regressions that read either.
 
-The embed stage fits the regressions (scikit-learn, through ``linear``) and saves what predicting needs with
-:func:`save_regressions`; the code-competition kernel, which has no scikit-learn and no config, loads them with
-:func:`load_regressions` and predicts with :func:`folds_proba`, as the stage predicted its test images: each fold's
-regression on standardised features, the folds' probabilities averaged.
+The embed and features stages fit the regressions (scikit-learn, through ``linear``) and save what predicting needs
+with :func:`save_regressions`; the code-competition kernel, which has no scikit-learn and no config, loads them with
+:func:`load_regressions` and predicts as the stages predicted their test images: each fold's regression on
+standardised features (:func:`regression_proba`), the folds' probabilities averaged.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.artifacts import atomic_path
@@ -23,6 +25,9 @@ from pipeline.training import weights
 
 KEY = "embed.backbones"
 FOLD_ARRAYS = ("mean", "scale", "coef", "intercept", "classes")  # one fold's regression, as saved
+CONTRAST_EPS = 0.1  # the features member: added to a patch's standard deviation (pixels in [0, 1]): flat patches stay
+POOL_MEAN_GRID, POOL_MAX_GRID = 3, 2  # near zero; its responses' means over a 3 x 3 grid, maxima over 2 x 2
+ENCODE_BATCH = 64  # images encoded at a time
 
 
 def backbone_source(name: str):
@@ -92,14 +97,39 @@ def embed_images(model: nn.Module, images: np.ndarray, mean, std, flip: bool, ba
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+# ---------------------------------------------------------------- the features member's encoding
+
+def encode(images: np.ndarray, filters: torch.Tensor, stride: int, threshold: float) -> np.ndarray:
+    """N x H x W x C uint8 images -> N x (K * (3*3 + 2*2)) features: each filter's response to every contrast-
+    normalised patch, ``max(0, response - threshold)``, then means over a 3 x 3 grid and maxima over 2 x 2."""
+    clusters, channels, patch, _ = filters.shape
+    box = torch.ones(1, channels, patch, patch) / (channels * patch * patch)
+    centred = filters - filters.mean((1, 2, 3), keepdim=True)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), ENCODE_BATCH):
+            batch = torch.from_numpy(np.array(images[start:start + ENCODE_BATCH])).permute(0, 3, 1, 2).float()
+            batch /= 255.0
+            mean = F.conv2d(batch, box, stride=stride)
+            std = (F.conv2d(batch ** 2, box, stride=stride) - mean ** 2).clamp_min(0).sqrt()
+            # (patch - its mean) . filter = patch . (filter - its mean): one convolution with zero-mean filters. In
+            # place: the responses are the largest tensor here, and memory, not arithmetic, sets the pace.
+            active = F.conv2d(batch, centred, stride=stride).div_(std + CONTRAST_EPS)
+            active.sub_(threshold).relu_()
+            out.append(torch.cat([F.adaptive_avg_pool2d(active, POOL_MEAN_GRID).flatten(1),
+                                  F.adaptive_max_pool2d(active, POOL_MAX_GRID).flatten(1)], 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, clusters * (POOL_MEAN_GRID ** 2 + POOL_MAX_GRID ** 2)))
+
+
 # ---------------------------------------------------------------- the saved regressions
 
 def save_regressions(path: Path, fold_models: list[dict], meta: dict) -> None:
     """One .npz (written atomically): ``meta`` as JSON (backbones, image size, normalisation, class names...) and
-    each fold's standardisation (mean, scale) and regression (coef, intercept, the class index of each row)."""
+    each fold's standardisation (mean, scale) and regression (coef, intercept, the class index of each row), with any
+    other arrays of the fold (the features member's filters)."""
     arrays = {"meta": np.array(json.dumps({**meta, "folds": len(fold_models)}))}
     for index, model in enumerate(fold_models):
-        arrays |= {f"fold{index}_{name}": np.asarray(model[name]) for name in FOLD_ARRAYS}
+        arrays |= {f"fold{index}_{name}": np.asarray(value) for name, value in model.items()}
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
@@ -110,10 +140,15 @@ def load_regressions(path: Path) -> tuple[dict, list[dict]]:
     try:
         with np.load(path, allow_pickle=False) as content:
             meta = json.loads(str(content["meta"]))
-            folds = [{name: content[f"fold{index}_{name}"] for name in FOLD_ARRAYS} for index in range(meta["folds"])]
+            folds = [{key.split("_", 1)[1]: content[key] for key in content.files if key.startswith(f"fold{index}_")}
+                     for index in range(meta["folds"])]
+            missing = [f"fold{index}_{name}" for index, fold in enumerate(folds) for name in FOLD_ARRAYS
+                       if name not in fold]
+            if missing:
+                raise KeyError(f"no {missing[0]}")
     except (OSError, KeyError, ValueError) as error:
-        raise DataError(f"the embed member's regressions {path} are missing or damaged ({error}): re-run the embed "
-                        f"stage (dvc repro)") from None
+        raise DataError(f"the member's regressions {path} are missing or damaged ({error}): re-run its stage "
+                        f"(dvc repro)") from None
     return meta, folds
 
 
@@ -134,5 +169,18 @@ def regression_proba(model: dict, x: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def folds_proba(fold_models: list[dict], x: np.ndarray, n_classes: int) -> np.ndarray:
-    """The folds' regressions averaged, as the embed stage averages them for its test probabilities."""
+    """The folds' regressions on the same features averaged, as the embed stage averages them for its test
+    probabilities."""
     return sum(regression_proba(model, x, n_classes) for model in fold_models) / len(fold_models)
+
+
+def features_member_proba(fold_models: list[dict], settings: dict, images: np.ndarray, n_classes: int) -> np.ndarray:
+    """The features member's probabilities: each fold's own filters (one dictionary per ``features.patch``) encode
+    the images, its regression reads them, and the folds are averaged, as the features stage predicted its test
+    images (``settings``: the saved ``features.*``)."""
+    total = 0.0
+    for model in fold_models:
+        x = np.concatenate([encode(images, torch.from_numpy(model[f"filters{index}"]), stride, settings["threshold"])
+                            for index, stride in enumerate(settings["stride"])], 1)
+        total = total + regression_proba(model, x, n_classes)
+    return total / len(fold_models)
