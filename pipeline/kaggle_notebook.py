@@ -10,10 +10,11 @@ are vendored in the dataset's ``code/`` folder and imported from there, and only
 are imported (no config, no scikit-learn, no scipy, no albumentations). Each backbone's folds predict the test
 images with the TTA views infer used, averaged and merged as infer merges them (a full-data refit blended in as
 infer blends it); the embed member's frozen backbones read the images at its own size and its saved per-fold
-regressions predict from their pooled features, the folds averaged, as the embed stage did; the members are combined
-by the method, weights and class offsets the ensemble stage chose (any method but stacking, which ``kaggle_package``
-refuses); ``submission.csv`` has the sample submission's shape, as the submit stage writes it, and
-ensemble_probabilities.csv the combined probabilities (the ensemble stage's test.parquet, for a check).
+regressions predict from their pooled features, and the features member's saved k-means filters and regressions
+from their encoding, the folds averaged, as their stages did; the members are combined by the method, weights and
+class offsets the ensemble stage chose (any method but stacking, which ``kaggle_package`` refuses);
+``submission.csv`` has the sample submission's shape, as the submit stage writes it, and ensemble_probabilities.csv
+the combined probabilities (the ensemble stage's test.parquet, for a check).
 """
 
 from __future__ import annotations
@@ -131,6 +132,24 @@ def embed_proba(dataset: Path, member: dict, manifest: dict, paths: list[Path], 
     return embedding.folds_proba(regressions, np.concatenate(features, 1), len(manifest["class_names"]))
 
 
+def features_proba(dataset: Path, member: dict, manifest: dict, images):
+    """The features member's test probabilities: each fold's saved k-means filters encode the images (decoded at the
+    networks' size, as the stage read the cache) and its regression reads them, the folds averaged."""
+    from pipeline.training import embedding
+
+    meta, regressions = embedding.load_regressions(dataset / member["regressions"])
+    return embedding.features_member_proba(regressions, meta["settings"], images, len(manifest["class_names"]))
+
+
+def one_member(dataset: Path, member: dict, manifest: dict, images, paths: list[Path], device):
+    """One member's test probabilities, by its kind: a backbone's folds, or the embed or features member."""
+    if member.get("kind") == "embed":
+        return embed_proba(dataset, member, manifest, paths, device)
+    if member.get("kind") == "features":
+        return features_proba(dataset, member, manifest, images)
+    return member_proba(dataset, member, manifest, images, device)
+
+
 def predict(dataset: Path, competition: Path, output: Path) -> Path:
     """Write ``output``/submission.csv from the package in ``dataset`` and the competition's test images."""
     sys.path.insert(0, str(dataset / "code"))  # the vendored project and ttach, ahead of anything installed
@@ -150,9 +169,7 @@ def predict(dataset: Path, competition: Path, output: Path) -> Path:
     images = np.stack([load_image(p, tuple(manifest["size_hw"]), manifest["channels"]) for p in paths])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     members = manifest["ensemble"]["members"]
-    stack = np.stack([embed_proba(dataset, manifest["members"][name], manifest, paths, device)
-                      if manifest["members"][name].get("kind") == "embed"
-                      else member_proba(dataset, manifest["members"][name], manifest, images, device)
+    stack = np.stack([one_member(dataset, manifest["members"][name], manifest, images, paths, device)
                       for name in members])
     class_names = manifest["class_names"]
     proba = combine(manifest["ensemble"], members, class_names, stack)
