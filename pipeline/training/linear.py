@@ -81,10 +81,11 @@ def cross_fit_folds(fold_features: Callable, labels, folds, n_classes: int, inve
     """(OOF probabilities, test probabilities: the folds' models averaged, each fold's validation rows, each fold's
     fitted arrays in the order of the sorted fold names).
 
-    ``fold_features(valid)`` gives one fold's (training-image features, test-image features), computed with what
-    that fold may see (the rows where ``valid`` is False); the same arrays for every fold when the features learn
-    nothing from the images. The regressions run side by side on one BLAS thread each: these small fits run 2.7
-    times slower on two BLAS threads than on one, and the result does not depend on how many run at once.
+    ``fold_features(valid)``, called once per fold in that order, gives one fold's (training-image features,
+    test-image features), computed with what that fold may see (the rows where ``valid`` is False); the same arrays
+    for every fold when the features learn nothing from the images. The regressions run side by side on one BLAS
+    thread each: these small fits run 2.7 times slower on two BLAS threads than on one, and the result does not
+    depend on how many run at once.
     """
     fold_names = np.unique(folds)
     valid_rows = [folds == fold for fold in fold_names]
@@ -92,7 +93,7 @@ def cross_fit_folds(fold_features: Callable, labels, folds, n_classes: int, inve
     for valid in valid_rows:
         x, x_test = fold_features(valid)
         jobs.append(delayed(fit_fold)(x[~valid], labels[~valid], [x[valid], x_test], n_classes,
-                                         inverse_regularisation, balance_power))
+                                      inverse_regularisation, balance_power))
     with threadpool_limits(1):
         fitted = Parallel(n_jobs=min(len(fold_names), cpu_count()), prefer="threads")(jobs)
     oof = np.zeros((len(labels), n_classes))
