@@ -2,9 +2,11 @@
 
 Reads:  ``paths.cache`` (the images and their labels), ``paths.folds``.
 Writes: ``paths.features``/oof.parquet (every training image's probabilities from the model of the fold that held
-        it out), ``paths.features``/test.parquet (the test images', the folds' models averaged) and
-        ``paths.metrics``/features.json (CV mean and spread, OOF figures); with ``features.enabled=false``, only a
-        note in the folder and ``{"features_enabled": 0}``, and the ensemble leaves the member out.
+        it out), ``paths.features``/test.parquet (the test images', the folds' models averaged),
+        ``paths.features``/regressions.npz (each fold's filters and regression, the settings: what the code-competition
+        kernel predicts with, ``training/embedding.py``) and ``paths.metrics``/features.json (CV mean and spread,
+        OOF figures); with ``features.enabled=false``, only a note in the folder and ``{"features_enabled": 0}``, and
+        the ensemble leaves the member out.
 
 The single-layer network of Coates, Lee and Ng (An Analysis of Single-Layer Networks in Unsupervised Feature
 Learning, AISTATS 2011): k-means learns ``features.clusters`` filters from contrast-normalised, ZCA-whitened
@@ -24,7 +26,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.cluster import MiniBatchKMeans
 
 from pipeline import cli, layout
@@ -32,12 +33,10 @@ from pipeline.artifacts import atomic_dir
 from pipeline.config import Config
 from pipeline.data.images import Cache
 from pipeline.errors import ConfigError
-from pipeline.training import linear
+from pipeline.training import embedding, linear
+from pipeline.training.embedding import CONTRAST_EPS, POOL_MAX_GRID, POOL_MEAN_GRID, encode
 
-CONTRAST_EPS = 0.1  # added to a patch's standard deviation (pixels in [0, 1]): flat patches stay near zero
 ZCA_EPS = 0.1  # added to the patch covariance's eigenvalues before whitening: noise is not amplified without end
-POOL_MEAN_GRID, POOL_MAX_GRID = 3, 2
-BATCH = 64  # images encoded at a time
 
 
 def normalise_patches(patches: np.ndarray) -> np.ndarray:
@@ -72,37 +71,21 @@ def learn_filters(images: np.ndarray, clusters: int, patch: int, count: int, see
                                                                                      patch)
 
 
-def encode(images: np.ndarray, filters: torch.Tensor, stride: int, threshold: float) -> np.ndarray:
-    """N x H x W x C uint8 images -> N x (K * (3*3 + 2*2)) features: each filter's response to every contrast-
-    normalised patch, ``max(0, response - threshold)``, then means over a 3 x 3 grid and maxima over 2 x 2."""
-    clusters, channels, patch, _ = filters.shape
-    box = torch.ones(1, channels, patch, patch) / (channels * patch * patch)
-    centred = filters - filters.mean((1, 2, 3), keepdim=True)
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), BATCH):
-            batch = torch.from_numpy(np.array(images[start:start + BATCH])).permute(0, 3, 1, 2).float()
-            batch /= 255.0
-            mean = F.conv2d(batch, box, stride=stride)
-            std = (F.conv2d(batch ** 2, box, stride=stride) - mean ** 2).clamp_min(0).sqrt()
-            # (patch - its mean) . filter = patch . (filter - its mean): one convolution with zero-mean filters. In
-            # place: the responses are the largest tensor here, and memory, not arithmetic, sets the pace.
-            active = F.conv2d(batch, centred, stride=stride).div_(std + CONTRAST_EPS)
-            active.sub_(threshold).relu_()
-            out.append(torch.cat([F.adaptive_avg_pool2d(active, POOL_MEAN_GRID).flatten(1),
-                                  F.adaptive_max_pool2d(active, POOL_MAX_GRID).flatten(1)], 1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, clusters * (POOL_MEAN_GRID ** 2 + POOL_MAX_GRID ** 2)))
-
-
-def fold_features(settings, train_images: np.ndarray, test_images: np.ndarray, rows: np.ndarray, seed: int):
+def fold_features(settings, train_images: np.ndarray, test_images: np.ndarray, rows: np.ndarray, seed: int,
+                  learned: list | None = None):
     """``fold_features(valid)`` for :func:`linear.cross_fit_folds`: each dictionary learned from the fold's training
     images alone (``rows[~valid]``: never its held-out images, never the test images), then every image encoded
-    with it; the dictionaries' features side by side."""
+    with it; the dictionaries' features side by side. Each call appends the fold's filters (``{"filters<j>": K x C
+    x patch x patch}``, one per ``features.patch``) to ``learned``."""
     def features_of(valid: np.ndarray):
         fitted = np.sort(rows[~valid])  # sorted: the memory map reads forward
         x_train, x_test = [], []
-        for patch, stride in zip(settings.patch, settings.stride):
+        if learned is not None:
+            learned.append({})
+        for index, (patch, stride) in enumerate(zip(settings.patch, settings.stride)):
             filters = learn_filters(train_images[fitted], settings.clusters, patch, settings.patches, seed)
+            if learned is not None:
+                learned[-1][f"filters{index}"] = filters.numpy()
             x_train.append(encode(train_images, filters, stride, settings.threshold)[rows])
             x_test.append(encode(test_images, filters, stride, settings.threshold))
         dictionaries = ", ".join(f"{settings.clusters} filters of {patch}x{patch}" for patch in settings.patch)
@@ -125,9 +108,14 @@ def main(cfg: Config) -> dict:
         if min(train_images.shape[1:3]) < max(settings.patch):
             raise ConfigError(f"features.patch={max(settings.patch)} is larger than the cached images "
                               f"({train_images.shape[1]}x{train_images.shape[2]}): lower it")
-        oof, test, fold_rows = linear.cross_fit_folds(
-            fold_features(settings, train_images, test_images, rows, settings.seed), labels, folds,
+        learned = []
+        oof, test, fold_rows, fitted = linear.cross_fit_folds(
+            fold_features(settings, train_images, test_images, rows, settings.seed, learned), labels, folds,
             len(cache.class_names), settings.inverse_regularisation, settings.balance_power)
+        embedding.save_regressions(out / layout.FEATURES_REGRESSIONS, [
+            {**regression, **filters} for regression, filters in zip(fitted, learned, strict=True)], {
+            "settings": settings.model_dump(exclude={"enabled"}), "channels": cfg.data.channels,
+            "size_hw": list(cfg.data.size_hw), "class_names": cache.class_names})
         result = linear.write_member(out, layout.FEATURES_MEMBER, layout.features_metrics_file(cfg), cfg.metric,
                                      cache, ids, labels, folds, oof, test, fold_rows)
     per_image = settings.clusters * len(settings.patch) * (POOL_MEAN_GRID ** 2 + POOL_MAX_GRID ** 2)

@@ -9,10 +9,12 @@ It needs torch, timm, pandas and numpy (and Pillow, which timm brings): the proj
 are vendored in the dataset's ``code/`` folder and imported from there, and only the modules that need nothing more
 are imported (no config, no scikit-learn, no scipy, no albumentations). Each backbone's folds predict the test
 images with the TTA views infer used, averaged and merged as infer merges them (a full-data refit blended in as
-infer blends it); the members are combined by the method, weights and class offsets the ensemble stage chose (any
-method but stacking, which ``kaggle_package`` refuses); ``submission.csv`` has the sample submission's shape, as the
-submit stage writes it, and ensemble_probabilities.csv the combined probabilities (the ensemble stage's
-test.parquet, for a check).
+infer blends it); the embed member's frozen backbones read the images at its own size and its saved per-fold
+regressions predict from their pooled features, and the features member's saved k-means filters and regressions
+from their encoding, the folds averaged, as their stages did; the members are combined by the method, weights and
+class offsets the ensemble stage chose (any method but stacking, which ``kaggle_package`` refuses);
+``submission.csv`` has the sample submission's shape, as the submit stage writes it, and ensemble_probabilities.csv
+the combined probabilities (the ensemble stage's test.parquet, for a check).
 """
 
 from __future__ import annotations
@@ -110,6 +112,44 @@ def member_proba(dataset: Path, member: dict, manifest: dict, images, device):
     return proba
 
 
+def embed_proba(dataset: Path, member: dict, manifest: dict, paths: list[Path], device):
+    """The embed member's test probabilities: each frozen backbone (its weights from the dataset) reads the images at
+    the embed stage's size, and its pooled features (with the mirror view's) go through the saved regressions, the
+    folds averaged (as the embed stage predicted its test images)."""
+    import numpy as np
+
+    from pipeline.data.images import load_image
+    from pipeline.training import embedding
+
+    meta, regressions = embedding.load_regressions(dataset / member["regressions"])
+    size = (meta["image_size"], meta["image_size"])
+    images = np.stack([load_image(p, size, meta["channels"]) for p in paths])
+    features = []
+    for backbone, weights_file in zip(meta["backbones"], member["weights"], strict=True):
+        model, _, _ = embedding.backbone_model(backbone["timm_model"], dataset / weights_file, meta["channels"])
+        features.append(embedding.embed_images(model, images, backbone["mean"], backbone["std"], meta["flip"],
+                                               member["batch_size"], f"embed {backbone['name']}", device))
+    return embedding.folds_proba(regressions, np.concatenate(features, 1), len(manifest["class_names"]))
+
+
+def features_proba(dataset: Path, member: dict, manifest: dict, images):
+    """The features member's test probabilities: each fold's saved k-means filters encode the images (decoded at the
+    networks' size, as the stage read the cache) and its regression reads them, the folds averaged."""
+    from pipeline.training import embedding
+
+    meta, regressions = embedding.load_regressions(dataset / member["regressions"])
+    return embedding.features_member_proba(regressions, meta["settings"], images, len(manifest["class_names"]))
+
+
+def one_member(dataset: Path, member: dict, manifest: dict, images, paths: list[Path], device):
+    """One member's test probabilities, by its kind: a backbone's folds, or the embed or features member."""
+    if member.get("kind") == "embed":
+        return embed_proba(dataset, member, manifest, paths, device)
+    if member.get("kind") == "features":
+        return features_proba(dataset, member, manifest, images)
+    return member_proba(dataset, member, manifest, images, device)
+
+
 def predict(dataset: Path, competition: Path, output: Path) -> Path:
     """Write ``output``/submission.csv from the package in ``dataset`` and the competition's test images."""
     sys.path.insert(0, str(dataset / "code"))  # the vendored project and ttach, ahead of anything installed
@@ -129,7 +169,8 @@ def predict(dataset: Path, competition: Path, output: Path) -> Path:
     images = np.stack([load_image(p, tuple(manifest["size_hw"]), manifest["channels"]) for p in paths])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     members = manifest["ensemble"]["members"]
-    stack = np.stack([member_proba(dataset, manifest["members"][name], manifest, images, device) for name in members])
+    stack = np.stack([one_member(dataset, manifest["members"][name], manifest, images, paths, device)
+                      for name in members])
     class_names = manifest["class_names"]
     proba = combine(manifest["ensemble"], members, class_names, stack)
     if manifest["kind"] == "label":

