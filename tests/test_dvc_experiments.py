@@ -91,8 +91,11 @@ def test_dvc_plots_show_renders_every_plot_without_a_warning(repo):
     images |= {str(layout.ensemble_dir(cfg) / layout.ENSEMBLE_CORRELATION)}
     images |= {str(layout.eda_figures_dir(cfg) / name) for name in EDA_FIGURES}
     assert curves | images <= set(plots)
-    assert not [plot for plot in plots if plot.endswith((".md", ".json", ".yaml", ".csv"))]
+    data_plots = {str(layout.cv_lb_table(cfg))}  # the one table drawn as a chart: CV against the Public LB
+    assert not [plot for plot in set(plots) - data_plots if plot.endswith((".md", ".json", ".yaml", ".csv"))]
     assert all(plots[plot][0]["type"] == "image" for plot in images)
+    (chart,) = plots[str(layout.cv_lb_table(cfg))]
+    assert chart["type"] == "vega" and chart["content"]["encoding"]["x"]["field"] == "cv"
 
     folds = cfg.folds.n_splits
     assert not [plot for plot in plots if "/fold" in plot]  # no chart of a single fold

@@ -253,8 +253,9 @@ def test_the_record_is_top_level_kept_and_traced_to_commit_experiment_and_config
     git(repo, "commit", "-qm", "v1")
     monkeypatch.chdir(repo)
     monkeypatch.setenv("DVC_EXP_NAME", "lusty-oars")
-    # The repository's own top-level folders, relative to the current folder (where DVC runs stages).
-    cfg = build_work(tmp_path, "paths.submissions=submissions", "paths.metrics=metrics")
+    # The repository's own top-level folders, relative to the current folder (where DVC runs stages): the record
+    # of the run DVC tracks, asked for here with paths.record=top (the work folder is elsewhere).
+    cfg = build_work(tmp_path, "paths.submissions=submissions", "paths.metrics=metrics", "paths.record=top")
     first = submit.main(cfg)
     assert os.path.dirname(first["file"]) == "submissions" and (repo / first["file"]).exists()
     assert (repo / "metrics" / "submission.json").exists() and not (tmp_path / "work" / "submissions").exists()
