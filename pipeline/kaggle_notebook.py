@@ -26,7 +26,6 @@ from pathlib import Path
 
 MANIFEST = "pipeline-package.json"  # in the dataset folder: what the packager recorded; how the kernel finds it
 PROBABILITIES = "ensemble_probabilities.csv"  # beside submission.csv
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # competition.py's
 
 
 def find_dataset(root: Path) -> Path:
@@ -55,12 +54,9 @@ def find_competition(dataset: Path, root: Path) -> Path:
 
 def test_paths(ids: list[str], folder: Path) -> list[Path]:
     """``<folder>/<id>`` or ``<folder>/<id>.<ext>`` for every id, as prepare finds them; every missing id named."""
-    index: dict[str, Path] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            relative = path.relative_to(folder).as_posix()
-            index.setdefault(relative, path)
-            index.setdefault(relative.rsplit(".", 1)[0], path)
+    from pipeline.data.images import index_images
+
+    index = index_images(folder)
     missing = [i for i in ids if i not in index]
     if missing:
         raise SystemExit(f"error: {len(missing)} test id(s) have no image in {folder}: {missing[:10]}")

@@ -18,10 +18,10 @@ import pandas as pd
 
 from pipeline import layout
 from pipeline.config import Config
+from pipeline.data.images import IMAGE_EXTENSIONS, index_images
 from pipeline.errors import DataError
 from pipeline.formula import eval_formula
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 ELPV_CLASSES = {0.0: "p000", 1 / 3: "p033", 2 / 3: "p067", 1.0: "p100"}  # text order = defect order
 
 
@@ -150,24 +150,11 @@ def _check_ids(ids: pd.Series, path: Path) -> None:
         raise DataError(f"{path} has duplicate id(s) {duplicated[:10]}" + (" ..." if len(duplicated) > 10 else ""))
 
 
-def _index_images(folder: Path) -> dict[str, Path]:
-    """Map both ``name.ext`` and ``name`` of every image below ``folder`` to its path."""
-    index: dict[str, Path] = {}
-    if not folder.is_dir():
-        return index
-    for path in folder.rglob("*"):
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            relative = path.relative_to(folder).as_posix()
-            index.setdefault(relative, path)
-            index.setdefault(relative.rsplit(".", 1)[0], path)
-    return index
-
-
 def _locate(ids: pd.Series, folder: Path, what: str) -> list[Path]:
     """Find ``<folder>/<id>`` or ``<folder>/<id>.<ext>`` for every id; report every missing one."""
     if not folder.is_dir():
         raise DataError(f"{what} folder {folder} does not exist")
-    index = _index_images(folder)
+    index = index_images(folder)
     if not index:
         raise DataError(f"{what} folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     paths, missing = [], []

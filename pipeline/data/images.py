@@ -20,7 +20,25 @@ from pipeline.errors import DataError
 if TYPE_CHECKING:  # the config (pydantic) stays out of the code-competition notebook, which decodes with load_image
     from pipeline.config import Config
 
-# ---------------------------------------------------------------- decoding images
+# ---------------------------------------------------------------- finding and decoding images
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def index_images(folder: Path) -> dict[str, Path]:
+    """Map both ``name.ext`` and ``name`` of every image below ``folder`` to its path (the first in sorted order
+    when two share a name); empty when ``folder`` is missing. Prepare and the code-competition kernel find a
+    competition's images with it, so both read the same files."""
+    index: dict[str, Path] = {}
+    if not folder.is_dir():
+        return index
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            relative = path.relative_to(folder).as_posix()
+            index.setdefault(relative, path)
+            index.setdefault(relative.rsplit(".", 1)[0], path)
+    return index
+
 
 def to_uint8(image: Image.Image, channels: int) -> Image.Image:
     """Any PIL mode (grayscale, RGBA, palette, 16-bit, float) as 8-bit L or RGB."""
