@@ -72,8 +72,8 @@ def _under(cfg: Config, name: str) -> Path:
 
 
 def overrides_under(folder: str | Path) -> list[str]:
-    """Dotted overrides that put every output under ``folder``, the top-level record included (tests, benchmarks)."""
-    return [f"paths.work_dir={folder}", *(f"paths.{name}={Path(folder) / name}" for name in Paths.TOP_LEVEL)]
+    """Dotted overrides that put every output under ``folder``, the run's record included (tests, benchmarks)."""
+    return [f"paths.work_dir={folder}", "paths.record=run"]
 
 
 def logs_dir(cfg: Config) -> Path:
