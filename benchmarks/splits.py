@@ -1,6 +1,7 @@
 """Does the recipe hold on other splits, and does its CV predict the hidden test? The default chain on N splits.
 
-    python benchmarks/splits.py [--seeds 0 1 2] [--folder-copy] [--config FILE] [--work DIR] [--score-only] [k=v ...]
+    python benchmarks/splits.py [--seeds 0 1 2] [--folder-copy] [--config FILE] [--work DIR] [--score-only]
+                                [--stages STAGE ...] [k=v ...]
 
 For every ``data.elpv_seed`` the whole chain (prepare, folds, tune, train, infer, ensemble, submit:
 the commands dvc.yaml runs, with the given settings unchanged) runs in its own work directory
@@ -42,11 +43,12 @@ FOLDER_LABELS = {"p000": "intact", "p033": "possibly defective", "p067": "likely
 FOLDER_COLUMNS = {"id": "cell_id", "defect": "defect_grade"}
 
 
-def run_chain(config: str, overrides: list[str], log: Path) -> float:
-    """Every stage of the chain in order, as dvc.yaml runs them; returns the wall seconds."""
+def run_chain(config: str, overrides: list[str], log: Path, stages: list[str] = STAGES) -> float:
+    """Every stage of the chain in order, as dvc.yaml runs them (or only ``stages``, on a finished run: what a change
+    to one member does to the figures); returns the wall seconds."""
     started = time.perf_counter()
-    with open(log, "w") as handle:
-        for stage in STAGES:
+    with open(log, "a" if stages != STAGES else "w") as handle:
+        for stage in stages:
             command = [sys.executable, "-m", f"pipeline.{stage}", "--config", config, *overrides]
             handle.write(f"$ {' '.join(command)}\n")
             handle.flush()
@@ -98,10 +100,11 @@ def folder_copy(source: Path, target: Path) -> Path:
     return target
 
 
-def one_run(name: str, config: str, overrides: list[str], out: Path, score_only: bool = False) -> dict:
+def one_run(name: str, config: str, overrides: list[str], out: Path, score_only: bool = False,
+            stages: list[str] = STAGES) -> dict:
     cfg = load_config(config, overrides)
     log = out / f"{name}.log"
-    seconds = float("nan") if score_only else run_chain(config, overrides, log)
+    seconds = float("nan") if score_only else run_chain(config, overrides, log, stages)
     scores = json.loads(layout.submission_metrics_file(cfg).read_text())
     test = whole_test_scores(cfg)
     method = json.loads((layout.ensemble_dir(cfg) / layout.ENSEMBLE_WEIGHTS).read_text())["method"]
@@ -135,20 +138,26 @@ def main() -> None:
     parser.add_argument("--score-only", action="store_true",
                         help="run nothing: score the finished runs already in --work (e.g. a `dvc repro` of each "
                              "seed's clone, its work folder, metrics and submissions moved to <work>/seed<N>/)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES,
+                        help="run only these stages, in the chain's order, on the finished runs in --work (after a "
+                             "change to one member: e.g. --stages embed ensemble submit)")
     parser.add_argument("overrides", nargs="*", help="settings for every run (default: none, the defaults)")
     args = parser.parse_args()
     logs = Path(args.work).resolve()
     logs.mkdir(parents=True, exist_ok=True)
+    stages = [stage for stage in STAGES if stage in args.stages]
     rows = []
     for seed in args.seeds:
         overrides = [*args.overrides, f"data.elpv_seed={seed}", *layout.overrides_under(logs / f"seed{seed}")]
-        rows.append(one_run(f"seed{seed}", args.config, overrides, logs, args.score_only))
+        rows.append(one_run(f"seed{seed}", args.config, overrides, logs, args.score_only, stages))
     if args.folder_copy:
         first = load_config(args.config, [*args.overrides, *layout.overrides_under(logs / f"seed{args.seeds[0]}")])
-        folder = folder_copy(layout.competition_dir(first), logs / "folder_competition")
+        folder = logs / "folder_competition"
+        if stages == STAGES and not args.score_only:  # a finished run keeps the competition it was run on
+            folder_copy(layout.competition_dir(first), folder)
         overrides = [*args.overrides, "data.source=folder", f"data.dir={folder}",
                      *layout.overrides_under(logs / "folder")]
-        rows.append(one_run(f"folder (seed {args.seeds[0]})", args.config, overrides, logs))
+        rows.append(one_run(f"folder (seed {args.seeds[0]})", args.config, overrides, logs, args.score_only, stages))
     command = " ".join(["python", *sys.argv])  # the page of results (benchmarks/results.py) prints it
     Path(args.out).write_text(json.dumps({"command": command, "overrides": args.overrides, "runs": rows}, indent=2)
                               + "\n")

@@ -124,7 +124,8 @@ def embed_proba(dataset: Path, member: dict, manifest: dict, paths: list[Path], 
     for backbone, weights_file in zip(meta["backbones"], member["weights"], strict=True):
         model, _, _ = embedding.backbone_model(backbone["timm_model"], dataset / weights_file, meta["channels"])
         features.append(embedding.embed_images(model, images, backbone["mean"], backbone["std"], meta["flip"],
-                                               member["batch_size"], f"embed {backbone['name']}", device))
+                                               member["batch_size"], f"embed {backbone['name']}", device,
+                                               meta["stages"]))
     return embedding.folds_proba(regressions, np.concatenate(features, 1), len(manifest["class_names"]))
 
 

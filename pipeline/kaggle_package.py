@@ -105,7 +105,7 @@ def embed_files(cfg: Config, cache: Cache) -> dict:
     meta, _ = embedding.load_regressions(path)
     settings = cfg.embed
     current = {"backbones": list(settings.backbones), "image_size": settings.image_size, "flip": settings.flip,
-               "channels": cfg.data.channels, "class_names": cache.class_names}
+               "stages": settings.stages, "channels": cfg.data.channels, "class_names": cache.class_names}
     saved_regressions(path, layout.EMBED_MEMBER, current,
                       {**meta, "backbones": [backbone["name"] for backbone in meta["backbones"]]})
     files = [embedding.backbone_source(name)[1] for name in settings.backbones]

@@ -37,6 +37,45 @@ def test_flip_averages_the_mirror_images_features():
     np.testing.assert_allclose(both, [[20.0, 20.0]])  # (10 + 30) / 2
 
 
+class TwoStages(torch.nn.Module):
+    """A backbone by hand: its final map is its input doubled; its feature stages are the input plus one and the
+    input times three (timm's ``forward_intermediates`` contract: the final map and the last ``indices`` stages)."""
+
+    feature_info = [{"module": "a"}, {"module": "b"}]
+
+    def forward_features(self, x):
+        return 2 * x
+
+    def forward_intermediates(self, x, indices):
+        return 2 * x, [x + 1, 3 * x][-indices:]
+
+
+def test_stages_pool_the_last_feature_stages_beside_the_final_map():
+    image = np.array([[[1], [3]], [[5], [7]]], dtype=np.uint8)[None]  # one 2 x 2 grey image: mean 4, max 7
+    args = dict(mean=[0.0], std=[1 / 255], flip=False, batch_size=4, desc="t")
+    np.testing.assert_allclose(embedding.embed_images(TwoStages(), image, **args), [[8, 14]])
+    np.testing.assert_allclose(embedding.embed_images(TwoStages(), image, stages=1, **args), [[8, 14, 12, 21]])
+    np.testing.assert_allclose(embedding.embed_images(TwoStages(), image, stages=2, **args),
+                               [[8, 14, 5, 8, 12, 21]])
+
+
+def test_stages_of_a_real_backbone_add_its_mid_level_maps_and_keep_the_final_features():
+    model, mean, std = embedding.frozen_backbone("efficientnet_lite0", 1)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 1), dtype=np.uint8)
+    args = dict(flip=True, batch_size=2, desc="t")
+    final = embedding.embed_images(model, images, mean, std, **args)
+    staged = embedding.embed_images(model, images, mean, std, stages=2, **args)
+    assert staged.shape == (2, 2 * (1280 + 112 + 320))  # Lite0's stages 4 and 5 end in 112 and 320 channels
+    np.testing.assert_allclose(staged[:, :2560], final, rtol=1e-5, atol=1e-5)
+    embedding.check_stages(model, "tf_efficientnet_lite0", 5)  # Lite0 has five feature stages
+    with pytest.raises(ConfigError, match="^embed.stages: 6 intermediate stages asked of 'tf_efficientnet_lite0', "
+                                          "which gives 5 .* set embed.stages=0"):
+        embedding.check_stages(model, "tf_efficientnet_lite0", 6)
+    with pytest.raises(ConfigError, match="which gives none"):
+        embedding.check_stages(torch.nn.Linear(1, 1), "a_plain_module", 1)
+    embedding.check_stages(torch.nn.Linear(1, 1), "a_plain_module", 0)
+
+
 def test_a_grey_image_reads_the_same_through_a_summed_first_conv_as_three_repeated_channels():
     """The packaged Lite weights normalise every channel alike (mean 0.5, std 0.5), so a grey image through the summed
     first convolution (in_chans=1) gives the features that three copies of it give the RGB model: the two grayscale
@@ -102,10 +141,12 @@ def test_the_stage_writes_a_member_the_ensemble_reads(embed_work, smoke_config):
     assert "embed" not in ensemble.member_files(smoke_config("embed.enabled=false"))
     # ImageNet features separate the smoke competition's striped classes better than chance (1/3)
     assert recorded["embed_oof_accuracy"] > 0.6
-    # what the kernel predicts with: each fold's regression over both views' 2 x 1280 pooled features, and the inputs
+    # what the kernel predicts with: each fold's regression over both views' pooled features (the final 1280 channels
+    # and, embed.stages=2, the last two stages' 112 and 320), and the inputs
     meta, regressions = embedding.load_regressions(layout.embed_dir(cfg) / layout.EMBED_REGRESSIONS)
-    assert len(regressions) == cfg.folds.n_splits and regressions[0]["coef"].shape[1] == meta["features"] == 2560
-    assert meta["image_size"] == 48 and meta["flip"] and meta["channels"] == 1
+    assert len(regressions) == cfg.folds.n_splits
+    assert regressions[0]["coef"].shape[1] == meta["features"] == 2 * (1280 + 112 + 320)
+    assert meta["image_size"] == 48 and meta["flip"] and meta["channels"] == 1 and meta["stages"] == 2
     assert meta["backbones"] == [{"name": "efficientnet_lite0", "timm_model": "tf_efficientnet_lite0",
                                   "mean": [0.5], "std": [0.5]}]
 

@@ -102,7 +102,11 @@ class Embed(Section):
     """The size the backbones read (prepare caches the images at this size too)."""
     flip: bool = True
     """Average each image's features with its mirror image's (a second forward pass)."""
-    inverse_regularisation: float = Field(default=0.03, gt=0)
+    stages: int = Field(default=2, ge=0)
+    """Beside the final feature map, pool the outputs of the backbone's last N feature stages (timm's
+    `forward_intermediates`, same forward pass): mid-level features, nearer these images than ImageNet's classes.
+    0: the final features only."""
+    inverse_regularisation: float = Field(default=0.01, gt=0)
     """scikit-learn's `C` of the logistic regression: smaller is a stronger L2 penalty."""
     balance_power: float = Field(default=0.5, ge=0, le=1)
     """Class weights `count**-power` in the regression (0: none, 1: balanced)."""

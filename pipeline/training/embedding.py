@@ -23,7 +23,7 @@ from pipeline.artifacts import atomic_path
 from pipeline.errors import ConfigError, DataError
 from pipeline.training import weights
 
-KEY = "embed.backbones"
+KEY, STAGES_KEY = "embed.backbones", "embed.stages"
 FOLD_ARRAYS = ("mean", "scale", "coef", "intercept", "classes")  # one fold's regression, as saved
 CONTRAST_EPS = 0.1  # the features member: added to a patch's standard deviation (pixels in [0, 1]): flat patches stay
 POOL_MEAN_GRID, POOL_MAX_GRID = 3, 2  # near zero; its responses' means over a 3 x 3 grid, maxima over 2 x 2
@@ -77,10 +77,28 @@ def pooled(feature_map: torch.Tensor) -> torch.Tensor:
     return torch.cat([feature_map.mean((2, 3)), feature_map.amax((2, 3))], 1)
 
 
+def check_stages(model: nn.Module, model_name: str, stages: int) -> None:
+    """A ConfigError when ``embed.stages`` asks for intermediate feature maps that the timm model cannot give."""
+    available = len(getattr(model, "feature_info", []) or [])
+    if stages and (not hasattr(model, "forward_intermediates") or stages > available):
+        raise ConfigError(f"{STAGES_KEY}: {stages} intermediate stages asked of {model_name!r}, which gives "
+                          f"{available if hasattr(model, 'forward_intermediates') else 'none'} through timm's "
+                          f"forward_intermediates; set {STAGES_KEY}=0 for its final features only")
+
+
+def pooled_maps(model: nn.Module, batch: torch.Tensor, stages: int) -> torch.Tensor:
+    """The pooled final feature map (:func:`pooled`) and, with ``stages``, the pooled outputs of the model's last
+    ``stages`` feature stages (timm's ``forward_intermediates``, one forward pass), side by side."""
+    if not stages:
+        return pooled(model.forward_features(batch))
+    final, intermediates = model.forward_intermediates(batch, indices=stages)
+    return torch.cat([pooled(final), *(pooled(feature_map) for feature_map in intermediates)], 1)
+
+
 def embed_images(model: nn.Module, images: np.ndarray, mean, std, flip: bool, batch_size: int, desc: str,
-                 device: torch.device | None = None) -> np.ndarray:
-    """N x H x W x C uint8 images -> N x 2C float32 pooled features (with ``flip``: the mean of the image's and its
-    mirror image's), computed on ``device`` (the CPU by default)."""
+                 device: torch.device | None = None, stages: int = 0) -> np.ndarray:
+    """N x H x W x C uint8 images -> N x D float32 pooled features (:func:`pooled_maps`; with ``flip``: the mean of
+    the image's and its mirror image's), computed on ``device`` (the CPU by default)."""
     from tqdm import tqdm
 
     device = device or torch.device("cpu")
@@ -93,9 +111,9 @@ def embed_images(model: nn.Module, images: np.ndarray, mean, std, flip: bool, ba
                           mininterval=5.0, disable=None):
             batch = torch.from_numpy(np.array(images[start:start + batch_size])).to(device).permute(0, 3, 1, 2)
             batch = (batch.float() - mean) / std
-            features = pooled(model.forward_features(batch))
+            features = pooled_maps(model, batch, stages)
             if flip:
-                features = (features + pooled(model.forward_features(batch.flip(3)))) / 2
+                features = (features + pooled_maps(model, batch.flip(3), stages)) / 2
             out.append(features.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
