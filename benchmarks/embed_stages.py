@@ -93,7 +93,8 @@ def encodings(work: Path, size: int, folder: Path) -> dict[str, pd.DataFrame]:
         started = time.perf_counter()
         maps = encode(work, size)
         folder.mkdir(parents=True, exist_ok=True)
-        np.savez(path, ids=np.array(next(iter(maps.values())).index, dtype=str), **{k: v.to_numpy() for k, v in maps.items()})
+        ids = np.array(next(iter(maps.values())).index, dtype=str)
+        np.savez(path, ids=ids, **{name: table.to_numpy() for name, table in maps.items()})
         print(f"embed_stages: {size} px encoded in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     with np.load(path) as saved:
         return {name: pd.DataFrame(saved[name], index=saved["ids"]) for name in saved.files if name != "ids"}
