@@ -33,7 +33,8 @@ from pipeline.training.kfold import load_training_data, tuned_config
 from pipeline.training.loop import autocast_dtype, torch_device
 from pipeline.training.pseudo import trained_folds
 from pipeline.training.refit import check_refit
-from pipeline.training.tta import merge_views, predict_views, tta_transforms, view_names
+from pipeline.training.tta import merge_views, predict_views, view_names
+from pipeline.training.views import tta_transforms
 
 
 def inference_device(cfg: Config, name: str | None = None):

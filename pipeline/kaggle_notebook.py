@@ -90,7 +90,8 @@ def member_proba(dataset: Path, member: dict, manifest: dict, images, device):
 
     from pipeline.training.checkpoints import load_fold_model
     from pipeline.training.loop import autocast_dtype
-    from pipeline.training.tta import merge_views, predict_views, tta_transforms
+    from pipeline.training.tta import merge_views, predict_views
+    from pipeline.training.views import tta_transforms
 
     compose = tta_transforms(manifest["tta"], tuple(manifest["size_hw"]))
     amp = autocast_dtype(manifest["amp"], device)
@@ -110,7 +111,7 @@ def member_proba(dataset: Path, member: dict, manifest: dict, images, device):
 
 def embed_proba(dataset: Path, member: dict, manifest: dict, paths: list[Path], device):
     """The embed member's test probabilities: each frozen backbone (its weights from the dataset) reads the images at
-    the embed stage's size, and its pooled features (with the mirror view's) go through the saved regressions, the
+    the embed stage's size, and its pooled features (the mean of its views') go through the saved regressions, the
     folds averaged (as the embed stage predicted its test images)."""
     import numpy as np
 
@@ -123,7 +124,7 @@ def embed_proba(dataset: Path, member: dict, manifest: dict, paths: list[Path], 
     features = []
     for backbone, weights_file in zip(meta["backbones"], member["weights"], strict=True):
         model, _, _ = embedding.backbone_model(backbone["timm_model"], dataset / weights_file, meta["channels"])
-        features.append(embedding.embed_images(model, images, backbone["mean"], backbone["std"], meta["flip"],
+        features.append(embedding.embed_images(model, images, backbone["mean"], backbone["std"], meta["tta"],
                                                member["batch_size"], f"embed {backbone['name']}", device,
                                                meta["stages"]))
     return embedding.folds_proba(regressions, np.concatenate(features, 1), len(manifest["class_names"]))

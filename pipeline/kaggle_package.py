@@ -104,7 +104,7 @@ def embed_files(cfg: Config, cache: Cache) -> dict:
     path = layout.embed_dir(cfg) / layout.EMBED_REGRESSIONS
     meta, _ = embedding.load_regressions(path)
     settings = cfg.embed
-    current = {"backbones": list(settings.backbones), "image_size": settings.image_size, "flip": settings.flip,
+    current = {"backbones": list(settings.backbones), "image_size": settings.image_size, "tta": settings.tta,
                "stages": settings.stages, "channels": cfg.data.channels, "class_names": cache.class_names}
     saved_regressions(path, layout.EMBED_MEMBER, current,
                       {**meta, "backbones": [backbone["name"] for backbone in meta["backbones"]]})

@@ -183,8 +183,8 @@ def test_what_a_kernel_cannot_run_is_refused_with_the_key(tmp_path):
 
 @pytest.mark.slow
 def test_regressions_fitted_with_other_settings_are_refused(packaged):
-    other = make_config(packaged.paths.work_dir, *SETTINGS, "embed.flip=false", "features.threshold=0.7")
-    with pytest.raises(DataError, match=r"embed member's regressions .*regressions\.npz were fitted with other flip"):
+    other = make_config(packaged.paths.work_dir, *SETTINGS, "embed.tta=[hflip]", "features.threshold=0.7")
+    with pytest.raises(DataError, match=r"embed member's regressions .*regressions\.npz were fitted with other tta"):
         kaggle_package.embed_files(other, Cache.open(other))
     with pytest.raises(DataError, match=r"features member's regressions .* other settings .* re-run the features"):
         kaggle_package.features_files(other, Cache.open(other))

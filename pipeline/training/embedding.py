@@ -1,5 +1,5 @@
 """The pieces of the members that train no network which need only torch, timm and numpy: the embed member's frozen
-backbone and its pooled features of an image and its mirror, the features member's encoding of images with its
+backbone and its pooled features of an image's views, the features member's encoding of images with its
 k-means filters, and the saved per-fold logistic regressions that read either.
 
 The embed and features stages fit the regressions (scikit-learn, through ``linear``) and save what predicting needs
@@ -23,7 +23,7 @@ from pipeline.artifacts import atomic_path
 from pipeline.errors import ConfigError, DataError
 from pipeline.training import weights
 
-KEY, STAGES_KEY = "embed.backbones", "embed.stages"
+KEY, STAGES_KEY, TTA_KEY = "embed.backbones", "embed.stages", "embed.tta"
 FOLD_ARRAYS = ("mean", "scale", "coef", "intercept", "classes")  # one fold's regression, as saved
 CONTRAST_EPS = 0.1  # the features member: added to a patch's standard deviation (pixels in [0, 1]): flat patches stay
 POOL_MEAN_GRID, POOL_MAX_GRID = 3, 2  # near zero; its responses' means over a 3 x 3 grid, maxima over 2 x 2
@@ -95,12 +95,16 @@ def pooled_maps(model: nn.Module, batch: torch.Tensor, stages: int) -> torch.Ten
     return torch.cat([pooled(final), *(pooled(feature_map) for feature_map in intermediates)], 1)
 
 
-def embed_images(model: nn.Module, images: np.ndarray, mean, std, flip: bool, batch_size: int, desc: str,
+def embed_images(model: nn.Module, images: np.ndarray, mean, std, tta: list[str], batch_size: int, desc: str,
                  device: torch.device | None = None, stages: int = 0) -> np.ndarray:
-    """N x H x W x C uint8 images -> N x D float32 pooled features (:func:`pooled_maps`; with ``flip``: the mean of
-    the image's and its mirror image's), computed on ``device`` (the CPU by default)."""
+    """N x H x W x C uint8 images -> N x D float32 pooled features (:func:`pooled_maps`), the mean over the ttach
+    views that ``tta`` names (``["hflip"]``: the image and its mirror image), computed on ``device`` (the CPU by
+    default)."""
     from tqdm import tqdm
 
+    from pipeline.training.views import tta_transforms
+
+    views = tta_transforms(tta, images.shape[1:3], TTA_KEY) or [None]
     device = device or torch.device("cpu")
     model = model.to(device)
     mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
@@ -111,10 +115,8 @@ def embed_images(model: nn.Module, images: np.ndarray, mean, std, flip: bool, ba
                           mininterval=5.0, disable=None):
             batch = torch.from_numpy(np.array(images[start:start + batch_size])).to(device).permute(0, 3, 1, 2)
             batch = (batch.float() - mean) / std
-            features = pooled_maps(model, batch, stages)
-            if flip:
-                features = (features + pooled_maps(model, batch.flip(3), stages)) / 2
-            out.append(features.float().cpu().numpy())
+            features = sum(pooled_maps(model, view.augment_image(batch) if view else batch, stages) for view in views)
+            out.append((features / len(views)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 

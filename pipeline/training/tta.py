@@ -12,30 +12,8 @@ import numpy as np
 import torch
 
 from pipeline.data.images import ImageDataset
-from pipeline.errors import ConfigError
 from pipeline.training.loop import autocast, to_device
 from pipeline.training.models import ProbabilityModel
-
-
-def tta_transforms(names: list[str], size_hw: tuple[int, int]):
-    """A ttach Compose from config names; its views are the product of the transforms' settings."""
-    import ttach
-
-    square = size_hw[0] == size_hw[1]
-    table = {
-        "hflip": ttach.HorizontalFlip,
-        "vflip": ttach.VerticalFlip,
-        # A quarter turn of a rectangle swaps its sides, so rectangles only get the half turn.
-        "rotate90": lambda: ttach.Rotate90(angles=[0, 90, 180, 270] if square else [0, 180]),
-        "multiscale": lambda: ttach.Scale(scales=[0.875, 1.0, 1.125], interpolation="bilinear", align_corners=False),
-        "brightness": lambda: ttach.Multiply(factors=[0.9, 1.0, 1.1]),
-    }
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        raise ConfigError(f"infer.tta has unknown transform(s) {unknown}; valid: {', '.join(table)}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"infer.tta lists a transform twice: {names}")
-    return ttach.Compose([table[n]() for n in names]) if names else None
 
 
 def view_names(compose, tta: list[str]) -> list[str]:
