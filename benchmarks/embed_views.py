@@ -2,17 +2,18 @@
 
     python benchmarks/embed_views.py WORK [WORK ...] [--encodings DIR] [--out benchmarks/embed_views.json]
 
-WORK is a run's work directory after prepare and folds (``benchmarks/splits.py``'s ``seed<N>``, one per ELPV split
-seed): its ``folds.csv`` and, in the first, the image cache at the embed member's 224 px. Every one of the 2,624 ELPV
-images (the splits differ only in which rows are which) is read once in each of four views (as it is, mirrored,
-upside down, both) by the packaged ImageNet EfficientNet-Lite0 with the default ``embed.stages: 2`` (its final map
-and its last two feature stages, mean- and max-pooled: the embed stage's own ``embedding.pooled_maps``), and the
+WORK is a run's work directory after prepare and folds, or a finished run (``benchmarks/splits.py``'s ``seed<N>``,
+one per ELPV split seed): its ``folds.csv`` and, in the first, the image cache at the embed member's 224 px. Every
+one of the 2,624 ELPV images (the splits differ only in which rows are which) is read once in each of four views (as
+it is, mirrored, upside down, both) by the packaged ImageNet EfficientNet-Lite0 with ``embed.stages: 2`` (its final
+map and its last two feature stages, mean- and max-pooled: the embed stage's own ``embedding.pooled_maps``), and the
 pooled features of each view are kept in ``--encodings`` (read again on the next call).
 
 Per variant (which views, averaged into one row or each its own training row, the features' scaling, the
 regression's C and class balance) and run: the member's CV, the mean over folds of macro-F1 of the cross-fit logistic
 regression on that run's folds, and its OOF accuracy; where the run holds the other members' OOF (a finished run),
-also the CV and OOF accuracy of the soft vote with it in place of the embed member. Only training rows and their folds
+also the CV and OOF accuracy of the soft vote with it in place of the embed member (the fine-tuned member's OOF
+with its test-time views, as the ensemble reads it). Only training rows and their folds
 are read: no test label.
 """
 
@@ -31,17 +32,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.embed_stages import OTHER_MEMBERS, all_images, fold_mean  # noqa: E402
+from benchmarks.embed_stages import all_images, fold_mean  # noqa: E402
 from pipeline import metrics  # noqa: E402
 from pipeline.training import embedding, linear  # noqa: E402
 
 VIEWS = {"identity": lambda batch: batch, "mirror": lambda batch: batch.flip(3),
          "upside_down": lambda batch: batch.flip(2), "both": lambda batch: batch.flip(2, 3)}
 TWO, FOUR = ["identity", "mirror"], list(VIEWS)
+# the other members' OOF as the ensemble reads them: the fine-tuned Lite0's TTA'd OOF (infer's), the features member's
+OTHER_MEMBERS = ("preds/tf_efficientnet_lite0_oof.parquet", "features/oof.parquet")
 # (label, views, as rows: each view its own training row and the views' probabilities averaged, else the views'
 #  features averaged into one row, scaling, C, balance power); the first is the embed default
 VARIANTS = [
-    ("two views averaged, C 0.01 (the default)", TWO, False, "none", 0.01, 0.5),
+    ("two views averaged, C 0.01 (the default before)", TWO, False, "none", 0.01, 0.5),
     ("two views averaged, C 0.003", TWO, False, "none", 0.003, 0.5),
     ("two views averaged, signed square root", TWO, False, "sqrt", 0.01, 0.5),
     ("two views averaged, balance power 1", TWO, False, "none", 0.01, 1.0),
@@ -53,6 +56,8 @@ VARIANTS = [
     ("four views averaged, C 0.003", FOUR, False, "none", 0.003, 0.5),
     ("four views averaged, C 0.03", FOUR, False, "none", 0.03, 0.5),
     ("four views averaged, C 0.001", FOUR, False, "none", 0.001, 0.5),
+    ("four views averaged, C 0.1", FOUR, False, "none", 0.1, 0.5),
+    ("two views averaged, C 0.03", TWO, False, "none", 0.03, 0.5),
 ]
 
 
@@ -142,13 +147,15 @@ def main() -> None:
         started = time.perf_counter()
         runs = {work.name: score_run(work, encoded, variant) for work in args.works}
         keys = [key for key in ("member_cv", "member_oof_accuracy", "vote_cv", "vote_oof_accuracy")
-                if all(key in run for run in runs.values())]
-        summary = {key: float(np.mean([run[key] for run in runs.values()])) for key in keys}
+                if any(key in run for run in runs.values())]  # the vote's: over the finished runs only
+        summary = {key: float(np.mean([run[key] for run in runs.values() if key in run])) for key in keys}
         spread = float(np.std([run["member_cv"] for run in runs.values()], ddof=1)) if len(runs) > 1 else 0.0
         rows.append({"variant": variant[0], **summary, "member_cv_std_over_runs": spread, "runs": runs})
         print(f"| {variant[0]} | {summary['member_cv']:.4f} ± {spread:.4f} | {summary['member_oof_accuracy']:.4f} | "
               + " ".join(f"{run['member_cv']:.4f}" for run in runs.values())
-              + (f" | vote {summary['vote_cv']:.4f}" if "vote_cv" in summary else "")
+              + (f" | vote {summary['vote_cv']:.4f} over {sum('vote_cv' in run for run in runs.values())} runs: "
+                 + " ".join(f"{run['vote_cv']:.4f}" for run in runs.values() if "vote_cv" in run)
+                 if "vote_cv" in summary else "")
               + f" | {time.perf_counter() - started:.0f} s |", flush=True)
     command = " ".join(["python", *sys.argv])
     for row in rows:

@@ -107,7 +107,7 @@ class Embed(Section):
     """Beside the final feature map, pool the outputs of the backbone's last N feature stages (timm's
     `forward_intermediates`, same forward pass): mid-level features, nearer these images than ImageNet's classes.
     0: the final features only."""
-    inverse_regularisation: float = Field(default=0.003, gt=0)
+    inverse_regularisation: float = Field(default=0.03, gt=0)
     """scikit-learn's `C` of the logistic regression: smaller is a stronger L2 penalty."""
     balance_power: float = Field(default=0.5, ge=0, le=1)
     """Class weights `count**-power` in the regression (0: none, 1: balanced)."""
