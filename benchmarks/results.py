@@ -16,8 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (title, result file, what it is). The newest first.
 SECTIONS = [
-    ("The default on five ELPV splits and the folder copy", "benchmarks/splits_embed_stages.json",
-     "The default (`params.yaml`): the embed member reads Lite0's last two feature stages beside its final map "
+    ("The default on three ELPV splits", "benchmarks/splits_embed_views.json",
+     "The default (`params.yaml`): the embed member averages its pooled features over four views of each image "
+     "(`embed.tta: [hflip, vflip]`, C 0.03), chosen on the soft vote's CV of these three splits' training rows "
+     "(`benchmarks/embed_views.json`). Split 0 is `dvc repro` on a fresh clone of 3ff4245 "
+     "(`benchmarks/fresh_clone_3ff4245.json`: its embed member at C 0.003), splits 1 and 2 the splits benchmark at "
+     "3ff4245 (`benchmarks/splits_embed_views_c0003.json`); all three re-run from the embed stage on at C 0.03 "
+     "(minutes: those stages'). Their fine-tuned members were trained on 2026-12-08's machine and differ from those "
+     "of the sections below (split 0's test macro-F1 0.6081 against 0.6403): the two are not paired."),
+    ("Before embed.tta: the default on five ELPV splits and the folder copy", "benchmarks/splits_embed_stages.json",
+     "The default of 7e3afac: the embed member reads Lite0's last two feature stages beside its final map "
      "(`embed.stages: 2`, C 0.01), chosen on the CV of these five splits' training rows "
      "(`benchmarks/embed_stages.json`). The runs are those of the sections below, re-run from the embed stage on; the "
      "fine-tuned and features members are theirs (minutes: those stages')."),
