@@ -17,7 +17,7 @@ features, which fit these images better than ImageNet's classes do), are pooled 
 scikit-learn's logistic regression, one per fold, reads every backbone's pooled features side by side. Nothing is
 learned from the images but the regression, whose labels are the fold's training rows only: the OOF is a true
 cross-validation. On two CPU cores EfficientNet-Lite0 at
-224 px takes about two and a half minutes for 2,624 images in four views, where fine-tuning it takes many.
+224 px takes about three and a half minutes for 2,624 images in four views, where fine-tuning it takes many.
 """
 
 from __future__ import annotations
