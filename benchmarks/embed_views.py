@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,8 +35,8 @@ from benchmarks.embed_stages import all_images, fold_mean  # noqa: E402
 from pipeline import metrics  # noqa: E402
 from pipeline.training import embedding, linear  # noqa: E402
 
-VIEWS = {"identity": lambda batch: batch, "mirror": lambda batch: batch.flip(3),
-         "upside_down": lambda batch: batch.flip(2), "both": lambda batch: batch.flip(2, 3)}
+VIEWS = {"identity": lambda images: images, "mirror": lambda images: images[:, :, ::-1],  # N x H x W x C
+         "upside_down": lambda images: images[:, ::-1], "both": lambda images: images[:, ::-1, ::-1]}
 TWO, FOUR = ["identity", "mirror"], list(VIEWS)
 # the other members' OOF as the ensemble reads them: the fine-tuned Lite0's TTA'd OOF (infer's), the features member's
 OTHER_MEMBERS = ("preds/tf_efficientnet_lite0_oof.parquet", "features/oof.parquet")
@@ -62,17 +61,12 @@ VARIANTS = [
 
 
 def encode(work: Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(ids, {view: N x D pooled features}): Lite0 frozen, ``embed.stages`` 2, every image in every view."""
+    """(ids, {view: N x D pooled features}): Lite0 frozen, ``embed.stages`` 2, every image in every view, each view
+    read by the embed stage's own ``embedding.embed_images``."""
     ids, images = all_images(work, 224)
     model, mean, std = embedding.frozen_backbone("efficientnet_lite0", 1)
-    scale = torch.tensor(mean).view(1, -1, 1, 1) * 255.0, torch.tensor(std).view(1, -1, 1, 1) * 255.0
-    out: dict[str, list[np.ndarray]] = {view: [] for view in VIEWS}
-    with torch.inference_mode():
-        for start in range(0, len(images), 64):
-            batch = (torch.from_numpy(images[start:start + 64]).permute(0, 3, 1, 2).float() - scale[0]) / scale[1]
-            for view, transform in VIEWS.items():
-                out[view].append(embedding.pooled_maps(model, transform(batch), 2).numpy())
-    return ids, {view: np.concatenate(parts) for view, parts in out.items()}
+    return ids, {view: embedding.embed_images(model, flipped(images), mean, std, [], 64, f"embed_views {view}",
+                                              stages=2) for view, flipped in VIEWS.items()}
 
 
 def encodings(work: Path, folder: Path) -> dict[str, pd.DataFrame]:
