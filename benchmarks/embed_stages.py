@@ -104,13 +104,18 @@ def fold_mean(metric: str, labels: np.ndarray, proba: np.ndarray, folds: np.ndar
     return float(np.mean([metrics.score(metric, labels[folds == f], proba[folds == f]) for f in np.unique(folds)]))
 
 
+def read_folds(work: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(ids, folds, class indices, class names) of a run's training rows, from its folds.csv."""
+    table = pd.read_csv(work / "folds.csv", dtype={"id": str})
+    classes = sorted(table["label"].unique())
+    labels = table["label"].map({name: index for index, name in enumerate(classes)}).to_numpy()
+    return table["id"].to_numpy(), table["fold"].to_numpy(), labels, classes
+
+
 def score_run(work: Path, maps: dict, variant: tuple) -> dict:
     """The variant's member CV, and the soft vote's CV and OOF accuracy with the run's other members."""
     _, chosen, inverse_regularisation = variant
-    table = pd.read_csv(work / "folds.csv", dtype={"id": str})
-    classes = sorted(table["label"].unique())
-    ids, folds = table["id"].to_numpy(), table["fold"].to_numpy()
-    labels = table["label"].map({name: index for index, name in enumerate(classes)}).to_numpy()
+    ids, folds, labels, classes = read_folds(work)
     x = np.concatenate([maps[size][name].loc[ids].to_numpy() for size, names in chosen.items() for name in names], 1)
     oof = linear.cross_fit_logistic(x, labels, folds, x[:1], len(classes), inverse_regularisation, 0.5)[0]
     others = [pd.read_parquet(work / name).astype({"id": str}).set_index("id").loc[ids, classes].to_numpy()

@@ -31,7 +31,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.embed_stages import all_images, fold_mean  # noqa: E402
+from benchmarks.embed_stages import all_images, fold_mean, read_folds  # noqa: E402
 from pipeline import metrics  # noqa: E402
 from pipeline.training import embedding, linear  # noqa: E402
 
@@ -107,10 +107,7 @@ def cross_fit(views: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, as
 def score_run(work: Path, encoded: dict[str, pd.DataFrame], variant: tuple) -> dict:
     """The variant's member CV and OOF accuracy; with the run's other members' OOF, the soft vote's."""
     _, names, as_rows, scaling, inverse_regularisation, balance_power = variant
-    table = pd.read_csv(work / "folds.csv", dtype={"id": str})
-    classes = sorted(table["label"].unique())
-    ids, folds = table["id"].to_numpy(), table["fold"].to_numpy()
-    labels = table["label"].map({name: index for index, name in enumerate(classes)}).to_numpy()
+    ids, folds, labels, classes = read_folds(work)
     views = [scaled(encoded[name].loc[ids].to_numpy(), scaling) for name in names]
     oof = cross_fit(views, labels, folds, as_rows, len(classes), inverse_regularisation, balance_power)
     row = {"member_cv": fold_mean("macro_f1", labels, oof, folds),
